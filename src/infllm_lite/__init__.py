@@ -1,0 +1,1 @@
+"""infllm_lite: long-context inference with InfLLM context memory."""

@@ -1,0 +1,9 @@
+"""User-facing errors: one clear line, no traceback from deep inside."""
+
+
+class InfLLMLiteError(Exception):
+    """A problem with the user's input (path, file, config, argument).
+
+    The CLI prints ``error: <message>`` and exits with status 1. The message must say
+    what is wrong and, where it helps, what to do about it, in one line.
+    """

@@ -1,0 +1,48 @@
+"""The one interface between the model and its attention memory.
+
+Every attention layer projects its input to queries, keys and values **before RoPE** and
+hands them to its :class:`LayerAttention`, which owns that layer's memory (a KV cache for
+full attention; sinks + window for StreamingLLM; initial tokens, window, blocks for InfLLM)
+and decides which positions to rotate by and which keys each query sees.
+
+An :class:`AttentionState` holds the per-layer memories of one generation (a batch of
+sequences advancing together) and the number of tokens consumed so far.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from ..models.rope import RotaryEmbedding
+
+
+class LayerAttention:
+    """One layer's attention memory."""
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+               cos: torch.Tensor, sin: torch.Tensor, rope: "RotaryEmbedding") -> torch.Tensor:
+        """Store this call's keys/values and attend.
+
+        q: (B, H, T, d), k/v: (B, Hkv, T, d), all un-rotated; positions: (T,) absolute
+        positions of the T new tokens; cos/sin: (T, d) their rotation; rope: to rotate at
+        other positions. Returns (B, H, T, d).
+        """
+        raise NotImplementedError
+
+
+class AttentionState:
+    """Attention memory of all layers for one generation."""
+
+    layers: list[LayerAttention]
+    length: int  # tokens consumed so far (host-side count, never read inside compiled code)
+
+    def positions(self, n_tokens: int) -> torch.Tensor:
+        """(n_tokens,) absolute positions of the next tokens, as a device tensor."""
+        raise NotImplementedError
+
+    def advance(self, n_tokens: int) -> None:
+        """Record that n_tokens more tokens went through every layer."""
+        raise NotImplementedError

@@ -1,0 +1,91 @@
+"""Full (ordinary causal) attention with a preallocated KV cache.
+
+Keys are cached after RoPE at their absolute positions. Two ways to read the cache:
+
+* eager (``static=False``): attend over the filled prefix ``[:end]``, sliced with the
+  host-side length; the cheapest for variable-length calls;
+* static (``static=True``): write with ``index_copy_`` at the position tensor and attend
+  over the whole capacity under a mask, so every decode step has the same shapes and one
+  ``torch.compile`` graph serves the whole generation.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..config import ModelArgs
+from ..errors import InfLLMLiteError
+from ..models.rope import apply_rope
+from .base import AttentionState, LayerAttention
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     q_positions: torch.Tensor, k_positions: torch.Tensor,
+                     window: int | None = None) -> torch.Tensor:
+    """SDPA where query i sees key j iff k_pos[j] <= q_pos[i] (and within ``window``).
+
+    q: (B, H, T, d); k/v: (B, Hkv, S, d); positions: (T,), (S,). GQA through enable_gqa.
+    """
+    T, S = q.shape[-2], k.shape[-2]
+    contiguous_causal = T == S and window is None
+    if contiguous_causal:  # keys are exactly the queries' tokens: the fast path
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    distance = q_positions[:, None] - k_positions[None, :]  # (T, S)
+    mask = distance >= 0
+    if window is not None:
+        mask &= distance < window
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+
+class FullLayerAttention(LayerAttention):
+    """One layer's KV cache of ``capacity`` tokens."""
+
+    def __init__(self, state: "FullAttentionState", args: ModelArgs):
+        shape = (state.batch_size, args.n_kv_heads, state.capacity, args.head_dim)
+        self.state = state
+        self.window = args.sliding_window
+        self.k = torch.zeros(shape, dtype=state.dtype, device=state.device)  # (B, Hkv, C, d), rotated
+        self.v = torch.zeros(shape, dtype=state.dtype, device=state.device)  # (B, Hkv, C, d)
+
+    def attend(self, q, k, v, positions, cos, sin, rope):
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.state.static:
+            self.k.index_copy_(2, positions, k)
+            self.v.index_copy_(2, positions, v)
+            return causal_attention(q, self.k, self.v, positions, self.state.slots, self.window)
+        start = self.state.length
+        end = start + q.shape[-2]
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        first = 0 if self.window is None else max(0, start - self.window + 1)
+        if start == 0 and self.window is None:
+            return causal_attention(q, k, v, positions, positions)
+        return causal_attention(q, self.k[:, :, first:end], self.v[:, :, first:end],
+                                positions, self.state.slots[first:end], self.window)
+
+
+class FullAttentionState(AttentionState):
+    """KV caches of all layers, allocated once for ``capacity`` tokens."""
+
+    def __init__(self, args: ModelArgs, capacity: int, *, batch_size: int = 1,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 static: bool = False):
+        if capacity < 1:
+            raise InfLLMLiteError(f"KV cache capacity must be positive, got {capacity}")
+        self.batch_size, self.capacity, self.dtype = batch_size, capacity, dtype
+        self.device = torch.device(device)
+        self.static = static
+        self.length = 0
+        self.slots = torch.arange(capacity, device=self.device)  # (C,) position held by each slot
+        self.layers = [FullLayerAttention(self, args) for _ in range(args.n_layers)]
+
+    def positions(self, n_tokens: int) -> torch.Tensor:
+        if self.length + n_tokens > self.capacity:
+            raise InfLLMLiteError(
+                f"the KV cache holds {self.capacity} tokens; {self.length} used, "
+                f"{n_tokens} more requested")
+        return self.slots[self.length:self.length + n_tokens].clone()  # fresh tensor: no storage offset for compiled graphs to guard on
+
+    def advance(self, n_tokens: int) -> None:
+        self.length += n_tokens

@@ -1,0 +1,48 @@
+"""Build a :class:`Transformer` from a config and a Hugging Face state dict, checking
+that every tensor is present, expected and of the right shape."""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import ModelArgs
+from ..errors import InfLLMLiteError
+from .transformer import Transformer
+
+#: Checkpoint tensors that carry no weights of ours (buffers some exporters save).
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def _our_name(hf_name: str) -> str:
+    return hf_name[len("model."):] if hf_name.startswith("model.") else hf_name
+
+
+def build_model(args: ModelArgs, state_dict: dict[str, torch.Tensor], *,
+                dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Transformer:
+    """Create the model on ``device`` in ``dtype`` and load ``state_dict`` (HF names) into it."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    expected = {name: p for name, p in model.named_parameters()}  # tied lm_head appears once
+    given = {_our_name(n): t for n, t in state_dict.items() if not n.endswith(_IGNORED_SUFFIXES)}
+    if args.tie_word_embeddings:
+        given.pop("lm_head.weight", None)  # tied: the embedding is the head
+    for name, tensor in given.items():
+        if name not in expected:
+            raise InfLLMLiteError(f"weights do not match the config: unexpected tensor {name!r}")
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise InfLLMLiteError(
+                f"weights do not match the config: tensor {name!r} has shape {tuple(tensor.shape)}, "
+                f"the config implies {tuple(expected[name].shape)}")
+    missing = sorted(set(expected) - set(given))
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise InfLLMLiteError(f"weights do not match the config: missing tensor {missing[0]!r}{more}")
+    model = model.to_empty(device=device)
+    if args.tie_word_embeddings:  # to_empty unties shared parameters
+        model.lm_head.weight = model.embed_tokens.weight
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.copy_(given[name])
+        model.to(dtype)
+        model.rotary_emb = type(model.rotary_emb)(args).to(device)  # float32 buffer, rebuilt off meta
+    return model.eval()

@@ -1,0 +1,530 @@
+"""Import a GGUF checkpoint (llama.cpp's format) as HF-named float32 tensors.
+
+``read_gguf`` gives everything a Hugging Face model folder would hold: an HF-style
+``config.json`` dict, the tensors under HF names (dequantized to float32 with
+``gguf.quants.dequantize``), a ``tokenizers`` tokenizer.json and a tokenizer_config dict.
+``convert_gguf`` writes that folder atomically, so later loads skip the dequantization.
+
+What llama.cpp's converter (``convert_hf_to_gguf.py``) changed, and is undone here:
+
+* names: ``blk.N.attn_q.weight`` -> ``model.layers.N.self_attn.q_proj.weight`` etc.;
+* for ``llama`` only (``LlamaModel.permute``), the rows of ``attn_q``/``attn_k`` (weights and
+  biases) are permuted per head for llama.cpp's interleaved RoPE; undoing it gives HF's
+  "rotate-half" layout. ``qwen2`` is converted without it (``Qwen2Model`` is not a
+  ``LlamaModel``), as transformers' GGUF loader also assumes;
+* a tied output layer is simply absent (no ``output.weight``): ``tie_word_embeddings``.
+
+Mistral GGUFs use the ``llama`` architecture; they load as ``LlamaForCausalLM`` (the same
+network; a GGUF does not record Mistral's sliding window).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import uuid
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import InfLLMLiteError
+
+# GGUF architecture -> (HF architectures[0], HF model_type)
+ARCHITECTURES = {
+    "llama": ("LlamaForCausalLM", "llama"),
+    "qwen2": ("Qwen2ForCausalLM", "qwen2"),
+}
+
+_GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+_GLOBAL_RE = re.compile(r"(\w+)\.(weight|bias)")
+
+CONTROL, USER_DEFINED = 3, 4  # gguf.TokenType
+
+
+@dataclass
+class GGUFCheckpoint:
+    """A GGUF file read into what a Hugging Face model folder holds."""
+
+    config: dict
+    tensors: dict[str, torch.Tensor]
+    tokenizer_json: str
+    tokenizer_config: dict
+
+
+# ---------------------------------------------------------------------------- reading
+
+
+def _open(path: Path):
+    """A ``gguf.GGUFReader`` on ``path``, with every failure turned into one clear line."""
+    import gguf
+
+    if not path.exists():
+        raise InfLLMLiteError(f"{path} does not exist")
+    if not path.is_file():
+        raise InfLLMLiteError(f"{path} is not a file: expected a .gguf file")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise InfLLMLiteError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes)")
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:  # numpy/gguf errors on a damaged header: one line instead
+        raise InfLLMLiteError(
+            f"{path} is a truncated or corrupt GGUF file ({type(e).__name__}: {e}): download it again"
+        ) from e
+    size = path.stat().st_size
+    for t in reader.tensors:
+        end = int(t.data_offset) + int(t.n_bytes)
+        if end > size or t.data.nbytes != int(t.n_bytes):
+            raise InfLLMLiteError(
+                f"{path} is truncated: tensor {t.name} needs bytes up to {end}, the file has {size}: "
+                "download it again"
+            )
+    return reader
+
+
+def _metadata(reader, path: Path) -> dict:
+    """All key/value metadata as Python values (strings, numbers, lists)."""
+    meta = {}
+    for key, field in reader.fields.items():
+        try:
+            meta[key] = field.contents()
+        except Exception as e:
+            raise InfLLMLiteError(f"{path} has corrupt metadata at key {key!r} ({e}): download it again") from e
+    return meta
+
+
+def _require(meta: dict, key: str, path: Path):
+    if key not in meta:
+        raise InfLLMLiteError(f"{path} lacks the metadata key {key!r}: not a complete GGUF model file")
+    return meta[key]
+
+
+def _hf_name(name: str) -> str | None:
+    """The HF name of a GGUF tensor, or None if it has none here."""
+    if m := _LAYER_RE.fullmatch(name):
+        layer, part, kind = m.groups()
+        if part in _LAYER_NAMES:
+            return f"model.layers.{layer}.{_LAYER_NAMES[part]}.{kind}"
+        return None
+    if (m := _GLOBAL_RE.fullmatch(name)) and m.group(1) in _GLOBAL_NAMES:
+        return f"{_GLOBAL_NAMES[m.group(1)]}.{m.group(2)}"
+    return None
+
+
+def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's ``LlamaModel.permute`` (interleaved RoPE -> HF rotate-half rows)."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _llama3_rope_scaling(factors: np.ndarray, head_dim: int, theta: float, meta: dict, arch: str) -> dict:
+    """Recover HF's ``rope_type: llama3`` parameters from llama.cpp's ``rope_freqs`` tensor.
+
+    llama.cpp stores the per-frequency divisors that ``convert_hf_to_gguf.py`` computed from
+    (factor, low_freq_factor, high_freq_factor, original_max_position_embeddings). The factor
+    is their maximum; the other three are searched among the values Llama 3.x uses.
+    """
+    factor = float(factors.max())
+    inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    originals = [meta.get(f"{arch}.rope.scaling.original_context_length"), 8192, 4096, 2048]
+    for old in [int(o) for o in originals if o]:
+        for low, high in [(1.0, 4.0), (1.0, 2.0), (2.0, 8.0)]:
+            expect = []
+            for freq in inv_freq:
+                wavelen = 2 * math.pi / freq
+                if wavelen < old / high:
+                    expect.append(1.0)
+                elif wavelen > old / low:
+                    expect.append(factor)
+                else:
+                    smooth = (old / wavelen - low) / (high - low)
+                    expect.append(1 / ((1 - smooth) / factor + smooth))
+            if np.allclose(np.asarray(expect, dtype=np.float32), factors, rtol=1e-5, atol=1e-6):
+                return {
+                    "rope_type": "llama3",
+                    "factor": factor,
+                    "low_freq_factor": low,
+                    "high_freq_factor": high,
+                    "original_max_position_embeddings": old,
+                }
+    raise InfLLMLiteError("the GGUF's rope_freqs tensor matches no Llama 3 RoPE scaling: not supported")
+
+
+def _config(meta: dict, arch: str, names: set[str], path: Path) -> dict:
+    """An HF config.json dict from the GGUF metadata."""
+    p = arch + "."
+    hidden = int(_require(meta, p + "embedding_length", path))
+    n_heads = int(_require(meta, p + "attention.head_count", path))
+    n_kv = meta.get(p + "attention.head_count_kv", n_heads)
+    if isinstance(n_kv, list):
+        raise InfLLMLiteError(f"{path} has a per-layer number of KV heads: not supported")
+    head_dim = int(meta.get(p + "attention.key_length") or meta.get(p + "rope.dimension_count") or hidden // n_heads)
+    tokens = meta.get("tokenizer.ggml.tokens") or []
+    hf_arch, model_type = ARCHITECTURES[arch]
+    config = {
+        "architectures": [hf_arch],
+        "model_type": model_type,
+        "hidden_size": hidden,
+        "intermediate_size": int(_require(meta, p + "feed_forward_length", path)),
+        "num_hidden_layers": int(_require(meta, p + "block_count", path)),
+        "num_attention_heads": n_heads,
+        "num_key_value_heads": int(n_kv),
+        "head_dim": head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": float(_require(meta, p + "attention.layer_norm_rms_epsilon", path)),
+        "rope_theta": float(meta.get(p + "rope.freq_base", 10000.0)),
+        "max_position_embeddings": int(_require(meta, p + "context_length", path)),
+        "vocab_size": int(meta.get(p + "vocab_size") or len(tokens)),
+        "tie_word_embeddings": "output.weight" not in names,
+        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
+        "torch_dtype": "float32",
+    }
+    if "tokenizer.ggml.padding_token_id" in meta:
+        config["pad_token_id"] = meta["tokenizer.ggml.padding_token_id"]
+    if arch == "llama":
+        config["attention_bias"] = "blk.0.attn_q.bias" in names
+        config["mlp_bias"] = False
+    scaling = meta.get(p + "rope.scaling.type")
+    if scaling and scaling != "none":
+        config["rope_scaling"] = {"rope_type": scaling, "factor": float(meta.get(p + "rope.scaling.factor", 1.0))}
+        if orig := meta.get(p + "rope.scaling.original_context_length"):
+            config["rope_scaling"]["original_max_position_embeddings"] = int(orig)
+    return config
+
+
+def _tensors(reader, arch: str, config: dict, meta: dict, path: Path, progress: bool) -> dict[str, torch.Tensor]:
+    """Dequantize every tensor to float32 under its HF name, Q/K permutation undone."""
+    from gguf.quants import dequantize
+    from tqdm.auto import tqdm
+
+    tensors = {}
+    for t in tqdm(reader.tensors, desc=f"Reading {path.name}", unit="tensor", disable=not progress):
+        if t.name == "rope_freqs.weight":  # llama 3 RoPE scaling, recovered into the config
+            factors = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
+            config["rope_scaling"] = _llama3_rope_scaling(
+                factors, config["head_dim"], config["rope_theta"], meta, arch
+            )
+            continue
+        name = _hf_name(t.name)
+        if name is None:
+            raise InfLLMLiteError(f"{path} has a tensor {t.name!r} this loader does not know: unsupported variant")
+        try:
+            w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
+            if arch == "llama" and ".attn_q." in t.name:
+                w = _unpermute(w, config["num_attention_heads"])
+            elif arch == "llama" and ".attn_k." in t.name:
+                w = _unpermute(w, config["num_key_value_heads"])
+            w = np.array(w, dtype=np.float32, order="C", copy=True)  # own, writable memory
+        except InfLLMLiteError:
+            raise
+        except Exception as e:
+            raise InfLLMLiteError(f"{path}: cannot read tensor {t.name} ({type(e).__name__}: {e})") from e
+        if not np.isfinite(w).all():
+            raise InfLLMLiteError(f"{path}: tensor {t.name} holds NaN/inf values: the file is corrupt")
+        tensors[name] = torch.from_numpy(w)
+    return tensors
+
+
+def _check_complete(tensors: dict, config: dict, path: Path) -> None:
+    names = ["model.embed_tokens.weight", "model.norm.weight"]
+    if not config["tie_word_embeddings"]:
+        names.append("lm_head.weight")
+    for i in range(config["num_hidden_layers"]):
+        names += [f"model.layers.{i}.{part}.weight" for part in _LAYER_NAMES.values()]
+    if config["model_type"] == "qwen2":
+        names += [f"model.layers.{i}.self_attn.{x}_proj.bias" for i in range(config["num_hidden_layers"]) for x in "qkv"]
+    for name in names:
+        if name not in tensors:
+            raise InfLLMLiteError(f"{path} lacks the tensor for {name}: not a complete model file")
+    rows = tensors["model.embed_tokens.weight"].shape[0]
+    if rows != config["vocab_size"]:
+        raise InfLLMLiteError(f"{path}: vocab_size {config['vocab_size']} but the embedding has {rows} rows")
+
+
+def read_gguf(path: str | os.PathLike, progress: bool = False) -> GGUFCheckpoint:
+    """Read a llama/qwen2 GGUF file into config, float32 HF tensors and tokenizer."""
+    path = Path(path)
+    reader = _open(path)
+    meta = _metadata(reader, path)
+    arch = _require(meta, "general.architecture", path)
+    if arch not in ARCHITECTURES:
+        raise InfLLMLiteError(
+            f"{path}: GGUF architecture {arch!r} is not supported (supported: {', '.join(ARCHITECTURES)})"
+        )
+    names = {t.name for t in reader.tensors}
+    config = _config(meta, arch, names, path)
+    tokenizer_json, tokenizer_config = build_tokenizer(meta, path)
+    tensors = _tensors(reader, arch, config, meta, path, progress)
+    _check_complete(tensors, config, path)
+    return GGUFCheckpoint(config, tensors, tokenizer_json, tokenizer_config)
+
+
+# ---------------------------------------------------------------------------- tokenizer
+
+# llama.cpp pre-tokenizer names (tokenizer.ggml.pre) -> how to split text before BPE.
+# "\p{N}" then GPT-2's regex (llama-vocab.cpp): HF's Digits(individual_digits) + ByteLevel.
+_DIGITS_THEN_GPT2 = {"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"}
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_SPLITS = {
+    "llama-bpe": _LLAMA3_SPLIT,
+    "llama3": _LLAMA3_SPLIT,
+    "llama-v3": _LLAMA3_SPLIT,
+    "smaug-bpe": _LLAMA3_SPLIT,
+    "dbrx": _LLAMA3_SPLIT,
+    "falcon3": _LLAMA3_SPLIT,
+    "qwen2": _QWEN2_SPLIT,
+    "deepseek-r1-qwen": _QWEN2_SPLIT,
+}
+_IGNORE_MERGES = {"llama-bpe", "llama3", "llama-v3", "smaug-bpe", "dbrx", "falcon3"}
+_GPT2 = {None, "default", "gpt2", "gpt-2", "mpt", "olmo", "jais"}
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table (byte-level BPE's alphabet)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = [b for b in range(256) if b not in keep]
+    return {**{b: chr(b) for b in keep}, **{b: chr(256 + i) for i, b in enumerate(extra)}}
+
+
+def _byte_level_pre_tokenizer(pre: str | None, path: Path):
+    from tokenizers import Regex, pre_tokenizers
+
+    if pre in _DIGITS_THEN_GPT2:
+        return pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Digits(individual_digits=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+            ]
+        )
+    if pre in _SPLITS:
+        return pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(_SPLITS[pre]), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+    if pre not in _GPT2:
+        warnings.warn(f"{path.name}: unknown pre-tokenizer {pre!r}, splitting text like GPT-2", stacklevel=3)
+    return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+
+
+def _byte_level_tokenizer(meta: dict, tokens: list[str], path: Path):
+    """Byte-level BPE (llama.cpp ``gpt2`` tokenizer model) as a ``tokenizers.Tokenizer``."""
+    from tokenizers import Tokenizer, decoders, models
+
+    spelling = _bytes_to_unicode()
+    alphabet = set(spelling.values())
+    vocab = {}
+    for i, tok in enumerate(tokens):  # a token outside the byte alphabet is respelled, as transformers does
+        key = tok if set(tok) <= alphabet else "".join(spelling[b] for b in tok.encode("utf-8"))
+        vocab.setdefault(key, i)
+    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
+    pre = meta.get("tokenizer.ggml.pre")
+    model = models.BPE(vocab=vocab, merges=merges, fuse_unk=False, ignore_merges=pre in _IGNORE_MERGES)
+    tokenizer = Tokenizer(model)
+    tokenizer.pre_tokenizer = _byte_level_pre_tokenizer(pre, path)
+    tokenizer.decoder = decoders.ByteLevel()
+    return tokenizer
+
+
+def _special_token_list(tokens, types, byte_level: bool) -> list[dict]:
+    """tokenizer.json ``added_tokens``: CONTROL tokens special, USER_DEFINED ones plain but whole."""
+    alphabet = set(_bytes_to_unicode().values())
+    added = []
+    for i, (tok, kind) in enumerate(zip(tokens, types)):
+        if kind not in (CONTROL, USER_DEFINED) or not tok:
+            continue
+        if byte_level and kind == CONTROL and not set(tok) <= alphabet:
+            continue  # a llama.cpp mislabel (transformers skips these too)
+        added.append(
+            {
+                "id": i,
+                "content": tok,
+                "single_word": False,
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+                "special": kind == CONTROL,
+            }
+        )
+    return added
+
+
+def _token(meta: dict, tokens: list[str], key: str) -> str | None:
+    i = meta.get(f"tokenizer.ggml.{key}")
+    return tokens[i] if i is not None and 0 <= i < len(tokens) else None
+
+
+def build_tokenizer(meta: dict, path: Path) -> tuple[str, dict]:
+    """(tokenizer.json text, tokenizer_config dict) from a GGUF's ``tokenizer.*`` metadata."""
+    from tokenizers import Tokenizer, processors
+
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if not tokens:
+        raise InfLLMLiteError(f"{path} has no tokenizer (no tokenizer.ggml.tokens): cannot build one")
+    types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    kind = meta.get("tokenizer.ggml.model")
+    if kind == "gpt2":
+        tokenizer = _byte_level_tokenizer(meta, tokens, path)
+    elif kind == "llama":
+        tokenizer = _sentencepiece_tokenizer(meta, tokens, types)
+    else:
+        raise InfLLMLiteError(
+            f"{path}: tokenizer model {kind!r} is not supported (supported: gpt2 byte-level BPE, llama SentencePiece)"
+        )
+
+    bos, eos = _token(meta, tokens, "bos_token_id"), _token(meta, tokens, "eos_token_id")
+    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False)) and bos is not None
+    add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False)) and eos is not None
+    if add_bos or add_eos:
+        single = ([f"{bos}:0"] if add_bos else []) + ["$A:0"] + ([f"{eos}:0"] if add_eos else [])
+        pair = single + ([f"{bos}:1"] if add_bos else []) + ["$B:1"] + ([f"{eos}:1"] if add_eos else [])
+        special = [(t, tokens.index(t)) for t in {bos, eos} if (t == bos and add_bos) or (t == eos and add_eos)]
+        tokenizer.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=special)
+
+    data = json.loads(tokenizer.to_str())
+    data["added_tokens"] = _special_token_list(tokens, types, byte_level=kind == "gpt2")
+    text = json.dumps(data, ensure_ascii=False)
+    try:
+        Tokenizer.from_str(text)
+    except Exception as e:
+        raise InfLLMLiteError(f"{path}: the tokenizer built from its metadata is invalid ({e})") from e
+
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": bos,
+        "eos_token": eos,
+        "unk_token": _token(meta, tokens, "unknown_token_id"),
+        "pad_token": _token(meta, tokens, "padding_token_id"),
+        "add_bos_token": add_bos,
+        "add_eos_token": add_eos,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": int(meta.get(f"{meta.get('general.architecture')}.context_length", 0)) or None,
+    }
+    if template := meta.get("tokenizer.chat_template"):
+        config["chat_template"] = template
+    return text, config
+
+
+def _sentencepiece_merges(tokens: list[str], scores: list[float], vocab: dict) -> list[tuple[str, str]]:
+    """BPE merges implied by a SentencePiece vocabulary: best-scored merged token first."""
+    found = []
+    for tok, score in zip(tokens, scores):
+        pairs = [(tok[:i], tok[i:]) for i in range(1, len(tok)) if tok[:i] in vocab and tok[i:] in vocab]
+        pairs.sort(key=lambda ab: (vocab[ab[0]], vocab[ab[1]]))
+        found += [(a, b, score) for a, b in pairs]
+    found.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
+    return [(a, b) for a, b, _ in found]
+
+
+def _sentencepiece_tokenizer(meta: dict, tokens: list[str], types: list[int]):
+    """SentencePiece BPE (llama.cpp ``llama`` tokenizer model: Llama 2, Mistral) with byte fallback."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {}
+    for i, tok in enumerate(tokens):
+        vocab.setdefault(tok, i)
+    if merges := meta.get("tokenizer.ggml.merges"):
+        merges = [tuple(m.split(" ", 1)) for m in merges]
+    else:
+        merges = _sentencepiece_merges(tokens, meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens), vocab)
+    unk = _token(meta, tokens, "unknown_token_id")
+    model = models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True)
+    tokenizer = Tokenizer(model)
+    prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(
+        replacement="\u2581", prepend_scheme="first" if prefix else "never", split=False
+    )
+    steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    tokenizer.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if prefix else []))
+    return tokenizer
+
+
+# ---------------------------------------------------------------------------- conversion
+
+
+def write_folder(ckpt: GGUFCheckpoint, folder: Path) -> None:
+    """Write a checkpoint's files into an existing empty ``folder``."""
+    from safetensors.torch import save_file
+
+    (folder / "config.json").write_text(json.dumps(ckpt.config, indent=2) + "\n")
+    generation = {k: ckpt.config[k] for k in ("bos_token_id", "eos_token_id") if ckpt.config.get(k) is not None}
+    (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    (folder / "tokenizer.json").write_text(ckpt.tokenizer_json, encoding="utf-8")
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(ckpt.tokenizer_config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+    )
+    save_file(ckpt.tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+def convert_gguf(
+    path: str | os.PathLike, out_dir: str | os.PathLike, progress: bool = True, overwrite: bool = False
+) -> Path:
+    """Convert a GGUF file into an HF-style folder ``out_dir`` (float32 safetensors).
+
+    The folder is written beside ``out_dir`` under a temporary name and renamed into place,
+    so an interrupted conversion never leaves a half-written folder. If ``out_dir`` already
+    exists and is not empty: ``FileExistsError`` (wrapped as ``InfLLMLiteError``) unless
+    ``overwrite``.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise InfLLMLiteError(f"{out_dir} already exists: remove it or choose another output folder")
+    ckpt = read_gguf(path, progress=progress)
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+    except OSError as e:
+        raise InfLLMLiteError(f"cannot write into {out_dir.parent}: {e}") from e
+    try:
+        write_folder(ckpt, tmp)
+        _move_into_place(tmp, out_dir, overwrite)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, FileExistsError):
+            raise InfLLMLiteError(f"{out_dir} already exists: remove it or choose another output folder") from e
+        if isinstance(e, OSError):
+            raise InfLLMLiteError(f"cannot write the converted model to {out_dir}: {e}") from e
+        raise
+    return out_dir
+
+
+def _move_into_place(tmp: Path, out_dir: Path, overwrite: bool) -> None:
+    """Rename ``tmp`` to ``out_dir`` atomically; FileExistsError if a non-empty one is there."""
+    if overwrite and out_dir.exists():
+        trash = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(out_dir, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+    try:
+        os.rename(tmp, out_dir)  # replaces an empty directory; fails on a non-empty one
+    except OSError as e:
+        if out_dir.is_dir() and any(out_dir.iterdir()):
+            raise FileExistsError(str(out_dir)) from e
+        raise

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterable
@@ -59,6 +60,12 @@ class Tokenizer:
         self.bos_token_id = self.token_to_id(self.bos_token)
         self.eos_token_id = self.token_to_id(self.eos_token)
         self.pad_token_id = self.token_to_id(self.pad_token)
+        added = tokenizer.get_added_tokens_decoder()
+        self._special_ids = frozenset(i for i, t in added.items() if t.special)
+        # SentencePiece byte-fallback tokens: "<0xE4>" ... (decoded as one group of bytes)
+        self._byte_ids = frozenset(
+            i for b in range(256) if (i := tokenizer.token_to_id(f"<0x{b:02X}>")) is not None
+        )
         self.stop_token_ids: set[int] = set(extra_eos_ids)
         if self.eos_token_id is not None:
             self.stop_token_ids.add(self.eos_token_id)
@@ -107,7 +114,7 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = False) -> str:
         """Text of ``ids`` (invalid UTF-8 becomes U+FFFD)."""
-        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
     def token_to_id(self, token: str | None) -> int | None:
         """Id of the token string ``token`` (None when unknown or None)."""
@@ -174,11 +181,10 @@ class Tokenizer:
         if marker in text:
             tail = text[text.rindex(marker) + len(marker):].lstrip()
             ids = self.encode(tail, add_special_tokens=False)[:1]
-            special = self._tok.get_added_tokens_decoder()
-            if ids and ids[0] in special and special[ids[0]].special:
+            if ids and ids[0] in self._special_ids:
                 return {ids[0]}
-        special_names = {t.content: i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
-        return {special_names[n] for n in _KNOWN_END_OF_TURN if n in special_names}
+        known = {self.token_to_id(n) for n in _KNOWN_END_OF_TURN}
+        return {i for i in known if i in self._special_ids}
 
 
 class IncrementalDecoder:
@@ -187,8 +193,10 @@ class IncrementalDecoder:
     The pieces returned by :meth:`add`, followed by :meth:`flush`, concatenate to
     ``tokenizer.decode(all_ids, skip_special_tokens=...)``. Each step decodes only a short
     window: ``ids[prefix:read]`` (already emitted, decoded for context) and ``ids[prefix:]``;
-    the new text is the difference. The window start only moves past text that decodes to
-    something non-empty, so decoders that strip the first token's leading space
+    the new text is the difference. Text is held back while it ends in U+FFFD (an incomplete
+    character) or in a byte-fallback token ("<0xE4>": the decoder turns a whole run of them
+    into U+FFFDs if the run ends invalid). The window start only moves past text that decodes
+    to something non-empty, so decoders that strip the first token's leading space
     (SentencePiece ``Metaspace`` / ``Strip``) affect only the context part.
     """
 
@@ -199,17 +207,23 @@ class IncrementalDecoder:
         self._prefix = 0  # window start
         self._read = 0  # ids[:read] have been emitted
         self._prefix_text = ""  # decode(ids[prefix:read])
+        self._in_byte_run = False  # the last visible token is a byte-fallback token
 
-    def _decode(self, start: int, end: int | None = None) -> str:
-        return self._tokenizer.decode(self._ids[start:end], skip_special_tokens=self._skip)
+    def _decode(self, start: int) -> str:
+        return self._tokenizer.decode(self._ids[start:], skip_special_tokens=self._skip)
 
     def add(self, token_id: int) -> str:
         """Append one id; return the text it completes ("" while a character is incomplete)."""
-        self._ids.append(int(token_id))
+        token_id = int(token_id)
+        self._ids.append(token_id)
+        if not (self._skip and token_id in self._tokenizer._special_ids):  # skipped ids are invisible
+            self._in_byte_run = token_id in self._tokenizer._byte_ids
+        if self._in_byte_run:
+            return ""
         text = self._decode(self._prefix)
         if len(text) <= len(self._prefix_text) or text.endswith(_REPLACEMENT):
             return ""
-        if not text.startswith(self._prefix_text):  # a decoder that rewrites earlier text: wait
+        if not text.startswith(self._prefix_text):  # a decoder that rewrote earlier text: wait
             return ""
         piece = text[len(self._prefix_text):]
         context = self._decode(self._read)
@@ -221,12 +235,12 @@ class IncrementalDecoder:
         return piece
 
     def flush(self) -> str:
-        """Return any text still held back (e.g. an incomplete character at the end)."""
+        """Return the text still held back (e.g. an incomplete character): call at the end of a stream."""
         text = self._decode(self._prefix)
-        piece = text[len(self._prefix_text):] if text.startswith(self._prefix_text) else ""
-        self._prefix_text = text
-        self._read = len(self._ids)
-        return piece
+        # Past a rewrite (see add) exactness is lost: emit what follows the common prefix.
+        keep = len(os.path.commonprefix([text, self._prefix_text]))
+        self._prefix_text, self._read = text, len(self._ids)
+        return text[keep:]
 
 
 # ---------------------------------------------------------------------- helpers

@@ -15,21 +15,23 @@ from tokenizers.models import WordLevel
 
 from infllm_lite.errors import InfLLMLiteError
 from infllm_lite.tokenizer import IncrementalDecoder, Tokenizer
+from infllm_lite.weights.embedded import embedded_gguf_path, embedded_model_dir
 
 HYPO = settings(max_examples=60, deadline=None)
 
 
 @pytest.fixture(scope="module")
-def hf_tok(gguf_path):
+def hf_tok():
     """The reference: transformers' tokenizer built from the embedded GGUF."""
     transformers = pytest.importorskip("transformers")
-    return transformers.AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    gguf = embedded_gguf_path()
+    return transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
 
 
 @pytest.fixture(scope="module")
-def folder(smollm_dir) -> Path:
-    """The tokenizer files our GGUF converter wrote (conftest's cached SmolLM2 folder)."""
-    return smollm_dir
+def folder() -> Path:
+    """The folder our GGUF converter wrote for the embedded SmolLM2 (cached across runs)."""
+    return embedded_model_dir(progress=False)
 
 
 @pytest.fixture(scope="module")

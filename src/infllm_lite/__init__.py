@@ -1,1 +1,18 @@
-"""infllm_lite: long-context inference with InfLLM context memory."""
+"""infllm_lite: long-context inference with InfLLM context memory, in plain PyTorch.
+
+    from infllm_lite import load_model, generate
+    model, tokenizer = load_model()          # the embedded SmolLM2-135M-Instruct
+    print(generate(model, tokenizer, [{"role": "user", "content": "Hi!"}]))
+"""
+
+from .config import ModelArgs
+from .errors import InfLLMLiteError
+from .generate import generate, generate_ids
+from .loading import load_model
+from .models.transformer import Transformer
+from .tokenizer import Tokenizer
+
+__version__ = "0.1.0"
+
+__all__ = ["InfLLMLiteError", "ModelArgs", "Tokenizer", "Transformer", "generate", "generate_ids",
+           "load_model", "__version__"]

@@ -21,7 +21,7 @@ def build_model(args: ModelArgs, state_dict: dict[str, torch.Tensor], *,
                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Transformer:
     """Create the model on ``device`` in ``dtype`` and load ``state_dict`` (HF names) into it."""
     with torch.device("meta"):
-        model = Transformer(args)
+        model = Transformer(args).to(dtype)  # no memory yet: allocated once, in dtype, below
     expected = {name: p for name, p in model.named_parameters()}  # tied lm_head appears once
     given = {_our_name(n): t for n, t in state_dict.items() if not n.endswith(_IGNORED_SUFFIXES)}
     if args.tie_word_embeddings:
@@ -29,20 +29,20 @@ def build_model(args: ModelArgs, state_dict: dict[str, torch.Tensor], *,
     for name, tensor in given.items():
         if name not in expected:
             raise InfLLMLiteError(f"weights do not match the config: unexpected tensor {name!r}")
-        if tuple(tensor.shape) != tuple(expected[name].shape):
+    for name, param in expected.items():  # in model order: the first mismatch is the one named
+        if name not in given:
+            missing = [n for n in expected if n not in given]
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise InfLLMLiteError(f"weights do not match the config: missing tensor {name!r}{more}")
+        if tuple(given[name].shape) != tuple(param.shape):
             raise InfLLMLiteError(
-                f"weights do not match the config: tensor {name!r} has shape {tuple(tensor.shape)}, "
-                f"the config implies {tuple(expected[name].shape)}")
-    missing = sorted(set(expected) - set(given))
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise InfLLMLiteError(f"weights do not match the config: missing tensor {missing[0]!r}{more}")
+                f"weights do not match the config: tensor {name!r} has shape {tuple(given[name].shape)}, "
+                f"the config implies {tuple(param.shape)}")
     model = model.to_empty(device=device)
     if args.tie_word_embeddings:  # to_empty unties shared parameters
         model.lm_head.weight = model.embed_tokens.weight
     with torch.no_grad():
         for name, param in model.named_parameters():
-            param.copy_(given[name])
-        model.to(dtype)
+            param.copy_(given[name])  # casts to dtype
         model.rotary_emb = type(model.rotary_emb)(args).to(device)  # float32 buffer, rebuilt off meta
     return model.eval()

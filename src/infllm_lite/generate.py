@@ -1,0 +1,147 @@
+"""Text generation: chunked prefill, then a decode loop with sampling, stop tokens and
+stop strings, as one string or as a stream of text pieces."""
+
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .attention import make_attention_state
+from .errors import InfLLMLiteError
+from .models.transformer import Transformer
+from .sampling import check_sampling, sample
+from .tokenizer import Tokenizer
+
+
+def encode_prompt(tokenizer: Tokenizer, prompt: str | Sequence[dict]) -> list[int]:
+    """A string is encoded as is (with the tokenizer's special tokens, e.g. BOS); a list of
+    chat messages goes through the checkpoint's chat template."""
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise InfLLMLiteError("the prompt is empty")
+        return tokenizer.encode(prompt)
+    if not prompt:
+        raise InfLLMLiteError("the prompt is empty (no chat messages)")
+    text = tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def generate_ids(model: Transformer, prompt_ids: Sequence[int], *, max_new_tokens: int = 256,
+                 attention: str = "full", temperature: float = 0.0, top_p: float = 1.0,
+                 top_k: int = 0, seed: int | None = None, stop_token_ids: set[int] = frozenset(),
+                 chunk_size: int = 8192, compile: bool = False,
+                 progress: bool = False) -> Iterator[int]:
+    """An iterator of new token ids, one at a time (stop tokens are not yielded).
+
+    Arguments are checked here, before any work, not at the first ``next()``.
+    """
+    if not prompt_ids:
+        raise InfLLMLiteError("the prompt is empty")
+    if max_new_tokens < 1:
+        raise InfLLMLiteError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if chunk_size < 1:
+        raise InfLLMLiteError(f"chunk_size must be at least 1, got {chunk_size}")
+    check_sampling(temperature, top_p, top_k)
+    param = next(model.parameters())
+    state = make_attention_state(attention, model.args, capacity=len(prompt_ids) + max_new_tokens,
+                                 dtype=param.dtype, device=param.device)
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=param.device).manual_seed(seed)
+    ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=param.device)  # (1, P)
+    return _prefill_and_decode(model, state, ids, max_new_tokens, stop_token_ids, chunk_size,
+                               compile, progress, dict(temperature=temperature, top_p=top_p,
+                                                       top_k=top_k, generator=generator))
+
+
+def _prefill_and_decode(model, state, ids, max_new_tokens, stop_token_ids, chunk_size, compile,
+                        progress, sampling) -> Iterator[int]:
+    with torch.inference_mode():
+        bar = tqdm(total=ids.shape[1], desc="prefill", unit="tok", disable=not progress, leave=False)
+        for start in range(0, ids.shape[1], chunk_size):
+            chunk = ids[:, start:start + chunk_size]
+            logits = model(chunk, state, last_only=True)  # (1, 1, vocab)
+            bar.update(chunk.shape[1])
+        bar.close()
+
+        step = model.step
+        if compile:
+            state.static = True  # same shapes every step: one graph for the whole decode
+            step = torch.compile(model.step, dynamic=False, fullgraph=True)
+        for i in range(max_new_tokens):
+            token = sample(logits[:, -1], **sampling)  # (1,)
+            token_id = int(token)
+            if token_id in stop_token_ids:
+                return
+            yield token_id
+            if i + 1 == max_new_tokens:
+                return
+            logits = step(token[:, None], state.positions(1), state)  # (1, 1, vocab)
+            state.advance(1)
+
+
+class _StopStrings:
+    """Cuts generated text at the first stop string; holds back what may start one."""
+
+    def __init__(self, stop: Sequence[str]):
+        self.stop = [s for s in stop if s]
+        self.hold = max((len(s) for s in self.stop), default=1) - 1
+        self.text = ""
+        self.emitted = 0
+
+    def push(self, piece: str) -> tuple[str, bool]:
+        """Add decoded text; return (text now safe to show, whether a stop string was hit)."""
+        search_from = max(0, len(self.text) - self.hold)
+        self.text += piece
+        hits = [i for i in (self.text.find(s, search_from) for s in self.stop) if i >= 0]
+        if hits:
+            out, self.emitted = self.text[self.emitted:min(hits)], len(self.text)
+            return out, True
+        safe_end = max(self.emitted, len(self.text) - self.hold)
+        out, self.emitted = self.text[self.emitted:safe_end], safe_end
+        return out, False
+
+    def flush(self) -> str:
+        out, self.emitted = self.text[self.emitted:], len(self.text)
+        return out
+
+
+def _stream_text(tokenizer, token_ids: Iterator[int], stop: Sequence[str]) -> Iterator[str]:
+    decoder = tokenizer.incremental_decoder(skip_special_tokens=True)
+    cutter = _StopStrings(stop)
+    for token_id in token_ids:
+        piece, hit = cutter.push(decoder.add(token_id))
+        if piece:
+            yield piece
+        if hit:
+            return
+    piece, hit = cutter.push(decoder.flush())
+    rest = piece if hit else piece + cutter.flush()
+    if rest:
+        yield rest
+
+
+def generate(model: Transformer, tokenizer: Tokenizer, prompt: str | Sequence[dict], *,
+             max_new_tokens: int = 256, attention: str = "full", temperature: float = 0.0,
+             top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
+             stop: str | Sequence[str] | None = None, stream: bool = False,
+             chunk_size: int = 8192, compile: bool = False, progress: bool = False):
+    """Continue ``prompt`` (a string, or chat messages rendered with the chat template).
+
+    Returns the generated text, or with ``stream=True`` an iterator of text pieces whose
+    concatenation is that text. Stops at ``max_new_tokens``, at an end-of-sequence or
+    end-of-turn token, or before the first of the ``stop`` strings.
+    """
+    prompt_ids = encode_prompt(tokenizer, prompt)
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    stop_ids = set(tokenizer.stop_token_ids) | set(model.args.eos_token_ids)
+    token_ids = generate_ids(model, prompt_ids, max_new_tokens=max_new_tokens, attention=attention,
+                             temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                             stop_token_ids=stop_ids, chunk_size=chunk_size, compile=compile,
+                             progress=progress)
+    pieces = _stream_text(tokenizer, token_ids, stops)
+    if stream:
+        return pieces
+    return "".join(pieces)

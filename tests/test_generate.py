@@ -1,0 +1,122 @@
+"""generate(): streaming, stop strings, stop tokens, sampling, compiled decode, bad input."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from infllm_lite import InfLLMLiteError, generate, generate_ids
+from infllm_lite.generate import _StopStrings, encode_prompt
+from infllm_lite.sampling import sample
+
+QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
+
+
+def test_streaming_yields_exactly_the_non_streaming_text(smollm):
+    model, tok = smollm
+    text = generate(model, tok, QUESTION, max_new_tokens=24)
+    pieces = list(generate(model, tok, QUESTION, max_new_tokens=24, stream=True))
+    assert "".join(pieces) == text
+    assert len(pieces) > 3  # really streamed, piece by piece
+    assert "Paris" in text
+
+
+def test_answer_stops_at_end_of_turn(smollm):
+    model, tok = smollm
+    prompt_ids = encode_prompt(tok, QUESTION)
+    ids = list(generate_ids(model, prompt_ids, max_new_tokens=100,
+                            stop_token_ids=tok.stop_token_ids))
+    assert 0 < len(ids) < 100  # ended by <|im_end|>, not by the limit
+    assert tok.token_to_id("<|im_end|>") not in ids
+
+
+def test_chat_messages_go_through_the_template(tokenizer):
+    ids = encode_prompt(tokenizer, QUESTION)
+    text = tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True)
+    assert ids == tokenizer.encode(text, add_special_tokens=False)
+    assert tokenizer.decode(ids).endswith("<|im_start|>assistant\n")
+
+
+def test_stop_string_cuts_before_its_first_occurrence(tiny):
+    model, tok = tiny
+    full = generate(model, tok, "Once upon a time", max_new_tokens=40)
+    assert len(full) > 20
+    stop = full[10:14]
+    cut = generate(model, tok, "Once upon a time", max_new_tokens=40, stop=["@@never@@", stop])
+    assert cut == full[:full.index(stop)]
+    streamed = "".join(generate(model, tok, "Once upon a time", max_new_tokens=40, stop=stop, stream=True))
+    assert streamed == cut
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.text(alphabet="abc\n", max_size=40), stops=st.lists(st.text(alphabet="abc\n", max_size=4), max_size=3),
+       cuts=st.lists(st.integers(0, 40), max_size=10))
+def test_stop_strings_property(text, stops, cuts):
+    """Any split of any text into pieces: the output is the text up to the earliest stop."""
+    bounds = sorted({0, len(text), *[c for c in cuts if c <= len(text)]})
+    pieces = [text[a:b] for a, b in zip(bounds, bounds[1:])]
+    cutter, out, hit = _StopStrings(stops), "", False
+    for piece in pieces:
+        shown, hit = cutter.push(piece)
+        out += shown
+        if hit:
+            break
+    if not hit:
+        out += cutter.flush()
+    found = [text.find(s) for s in stops if s and s in text]
+    assert out == (text[:min(found)] if found else text)
+
+
+def test_sampling_is_reproducible_with_a_seed(tiny):
+    model, tok = tiny
+    kw = dict(max_new_tokens=16, temperature=1.0, top_p=0.9, top_k=50)
+    a = generate(model, tok, "Hello", seed=3, **kw)
+    assert a == generate(model, tok, "Hello", seed=3, **kw)
+    assert "".join(generate(model, tok, "Hello", seed=3, stream=True, **kw)) == a
+
+
+def test_top_k_and_top_p_restrict_the_choice():
+    logits = torch.tensor([[0.0, 5.0, 4.9, -3.0, 1.0]])
+    g = torch.Generator().manual_seed(0)
+    top1 = {int(sample(logits, temperature=1.0, top_k=1, generator=g)) for _ in range(50)}
+    assert top1 == {1}
+    top2 = {int(sample(logits, temperature=1.0, top_k=2, generator=g)) for _ in range(200)}
+    assert top2 == {1, 2}
+    nucleus = {int(sample(logits, temperature=1.0, top_p=0.5, generator=g)) for _ in range(100)}
+    assert nucleus == {1}  # token 1 alone carries more than half of the mass
+    assert int(sample(logits)) == 1
+
+
+def test_chunked_prefill_gives_the_same_tokens(tiny):
+    model, tok = tiny
+    ids = tok.encode("The quick brown fox jumps over the lazy dog. " * 5)
+    expected = list(generate_ids(model, ids, max_new_tokens=12))
+    for chunk in (1, 7, 16):
+        assert list(generate_ids(model, ids, max_new_tokens=12, chunk_size=chunk)) == expected
+
+
+def test_compiled_decode_gives_the_same_tokens(tiny):
+    model, tok = tiny
+    ids = tok.encode("In a hole in the ground there lived")
+    eager = list(generate_ids(model, ids, max_new_tokens=10))
+    assert list(generate_ids(model, ids, max_new_tokens=10, compile=True)) == eager
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(prompt=""), "the prompt is empty"),
+    (dict(prompt="   \n"), "the prompt is empty"),
+    (dict(prompt=[]), "the prompt is empty"),
+    (dict(max_new_tokens=0), "max_new_tokens must be at least 1"),
+    (dict(temperature=-1.0), "temperature must be >= 0"),
+    (dict(top_p=0.0), "top_p must be in (0, 1]"),
+    (dict(top_k=-2), "top_k must be >= 0"),
+    (dict(chunk_size=0), "chunk_size must be at least 1"),
+    (dict(attention="sparse"), "unknown attention mode 'sparse'"),
+    (dict(prompt=[{"role": "user"}]), "content"),
+])
+def test_bad_arguments_raise_clear_errors(tiny, kwargs, message):
+    model, tok = tiny
+    kwargs = {"prompt": "Hello", **kwargs}
+    with pytest.raises(InfLLMLiteError, match=None) as err:
+        generate(model, tok, kwargs.pop("prompt"), stream=True, **kwargs)  # raised before iterating
+    assert message in str(err.value)

@@ -1,0 +1,125 @@
+"""The command line: it works, and bad input gets one clear line and a non-zero exit."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from infllm_lite.cli import main
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_generate_streams_text(capsys, tiny_folder):
+    code, out, err = run_cli(capsys, "generate", "--model", str(tiny_folder), "--prompt", "Hello",
+                             "--max-new-tokens", "5")
+    assert code == 0 and out.strip() and not err.strip()
+
+
+def test_generate_chat_answers_on_the_embedded_model(capsys, smollm_dir):
+    code, out, _ = run_cli(capsys, "generate", "--chat", "--prompt",
+                           "What is the capital of France?", "--max-new-tokens", "20")
+    assert code == 0 and "Paris" in out
+
+
+def _copy(folder, tmp_path):
+    dst = tmp_path / "model"
+    shutil.copytree(folder, dst)
+    return dst
+
+
+def _no_config(folder, tmp_path):
+    dst = _copy(folder, tmp_path)
+    (dst / "config.json").unlink()
+    return dst
+
+
+def _gpt2(folder, tmp_path):
+    dst = _copy(folder, tmp_path)
+    config = json.loads((dst / "config.json").read_text())
+    config.update(model_type="gpt2", architectures=["GPT2LMHeadModel"])
+    (dst / "config.json").write_text(json.dumps(config))
+    return dst
+
+
+def _truncated_weights(folder, tmp_path):
+    dst = _copy(folder, tmp_path)
+    data = (dst / "model.safetensors").read_bytes()
+    (dst / "model.safetensors").write_bytes(data[: len(data) // 2])
+    return dst
+
+
+def _wrong_shape(folder, tmp_path):
+    dst = _copy(folder, tmp_path)
+    config = json.loads((dst / "config.json").read_text())
+    config["intermediate_size"] = 128
+    (dst / "config.json").write_text(json.dumps(config))
+    return dst
+
+
+def _truncated_gguf(folder, tmp_path):
+    from infllm_lite.weights.embedded import embedded_gguf_path
+    dst = tmp_path / "broken.gguf"
+    with open(embedded_gguf_path(), "rb") as f:
+        dst.write_bytes(f.read(5_000_000))
+    return dst
+
+
+@pytest.mark.parametrize("make_model, message", [
+    (lambda folder, tmp: tmp / "missing", "does not exist"),
+    (_no_config, "has no config.json"),
+    (_gpt2, "unsupported architecture"),
+    (_truncated_weights, "model.safetensors"),
+    (_wrong_shape, "tensor 'layers.0.mlp.gate_proj.weight' has shape (96, 64)"),
+    (_truncated_gguf, "broken.gguf"),
+])
+def test_bad_models_give_one_clear_line(capsys, tiny_folder, tmp_path, make_model, message):
+    src = make_model(tiny_folder, tmp_path)
+    code, _, err = run_cli(capsys, "generate", "--model", str(src), "--prompt", "Hi")
+    assert code == 1
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_bad_prompts_give_one_clear_line(capsys, tiny_folder, tmp_path):
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("café crème".encode("latin-1"))
+    cases = [
+        (["--prompt", ""], "the prompt is empty"),
+        (["--prompt", "Hi", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+        (["--prompt-file", str(latin1)], "is not UTF-8 text"),
+        (["--prompt-file", str(tmp_path / "nope.txt")], "does not exist"),
+        (["--prompt", "Hi", "--temperature", "-1"], "temperature must be >= 0"),
+        (["--prompt", "Hi", "--attention", "sparse"], "unknown attention mode"),
+    ]
+    for argv, message in cases:
+        code, _, err = run_cli(capsys, "generate", "--model", str(tiny_folder), *argv)
+        assert code == 1, argv
+        assert err.startswith("error: ") and message in err, (argv, err)
+
+
+def test_convert_rejects_a_missing_file(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "convert", str(tmp_path / "x.gguf"), str(tmp_path / "out"))
+    assert code == 1 and "does not exist" in err
+
+
+def test_the_installed_command_exits_non_zero_without_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "infllm_lite", "generate", "--model",
+                           str(tmp_path / "missing"), "--prompt", "Hi"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().startswith("error:")
+
+
+def test_help_explains_each_command():
+    proc = subprocess.run([sys.executable, "-m", "infllm_lite", "--help"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0
+    for command in ("generate", "convert", "demo"):
+        assert command in proc.stdout

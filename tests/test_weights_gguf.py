@@ -24,7 +24,8 @@ from infllm_lite.errors import InfLLMLiteError
 from infllm_lite.weights import embedded
 from infllm_lite.weights import gguf as wgguf
 from infllm_lite.weights.embedded import embedded_gguf_path, embedded_model_dir
-from infllm_lite.weights.gguf import _bytes_to_unicode, convert_gguf, read_gguf
+from infllm_lite.weights.gguf import convert_gguf, read_gguf
+from infllm_lite.weights.gguf_tokenizer import build_tokenizer, bytes_to_unicode
 from infllm_lite.weights.hf_folder import read_hf_config, read_hf_state_dict
 
 # ---------------------------------------------------------------------------- fixtures
@@ -165,7 +166,7 @@ def digits_fixed_reference(reference):
 def vocab_bytes(ckpt):
     """The bytes that have a token of their own (21 of 256 have none in SmolLM2's vocab)."""
     vocab = set(json.loads(ckpt.tokenizer_json)["model"]["vocab"])
-    return {b for b, ch in _bytes_to_unicode().items() if ch in vocab}
+    return {b for b, ch in bytes_to_unicode().items() if ch in vocab}
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
@@ -186,7 +187,7 @@ def test_tokenizer_hypothesis(mine, reference, digits_fixed_reference, vocab_byt
 
 def test_numeric_characters_follow_llama_cpp(mine, ckpt):
     """The vocabulary was learnt with digits isolated: no token joins a numeric char to anything."""
-    inverse = {ch: b for b, ch in _bytes_to_unicode().items()}
+    inverse = {ch: b for b, ch in bytes_to_unicode().items()}
     for token in json.loads(ckpt.tokenizer_json)["model"]["vocab"]:
         try:
             text = bytes(inverse[ch] for ch in token).decode("utf-8")
@@ -260,7 +261,7 @@ def test_embedded_gguf_path_without_import(gguf_file):
 
 # ---------------------------------------------------------------------------- synthetic GGUFs
 
-BYTE_TOKENS = [_bytes_to_unicode()[b] for b in range(256)]
+BYTE_TOKENS = [bytes_to_unicode()[b] for b in range(256)]
 MERGES = ["Ġ t", "h e", "Ġt he", "i n"]
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 TOKENS = SPECIAL + BYTE_TOKENS + ["Ġt", "he", "Ġthe", "in"]
@@ -534,3 +535,34 @@ def test_no_transformers_import():
     code = ("import sys, infllm_lite.weights.gguf, infllm_lite.weights.hf_folder, infllm_lite.weights.hub, "
             "infllm_lite.weights.embedded; assert 'transformers' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ})
+
+
+def test_sentencepiece_tokenizer_matches_transformers(tmp_path):
+    """A llama.cpp ``llama`` (SentencePiece) vocabulary: merges from scores, byte fallback, BOS."""
+    transformers = pytest.importorskip("transformers")
+    pieces = ["▁", "t", "h", "e", "l", "o", "w", "r", "d", "a", "n", "▁t", "he", "▁the", "ll", "▁h", "▁he",
+              "▁hello", "wor", "or", "▁wor", "ld", "▁world", "an", "▁an", "nd", "▁and"]
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + pieces
+    path = tmp_path / "spm.gguf"
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_types([2, 3, 3] + [6] * 256 + [1] * len(pieces))
+    w.add_token_scores([0.0] * 259 + [-float(i) for i in range(len(pieces))])
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    w.add_add_bos_token(True)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    text, config = build_tokenizer(wgguf._metadata(wgguf._open(path), path), path)
+    mine = Tokenizer.from_str(text)
+    ref = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+    for s in ["hello world", " hello  world", "the and", "héllo wörld ✓", "<s>hello</s> the", "a\nb", "", "   "]:
+        ids = mine.encode(s).ids
+        assert ids == ref(s)["input_ids"], s
+        assert ids[0] == 1
+        assert mine.decode(ids, skip_special_tokens=True) == ref.decode(ids, skip_special_tokens=True)
+    assert (config["bos_token"], config["unk_token"], config["add_bos_token"]) == ("<s>", "<unk>", True)

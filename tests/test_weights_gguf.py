@@ -276,7 +276,7 @@ def llama_cpp_permute(w: np.ndarray, n_head: int, n_head_kv: int | None) -> np.n
 
 def write_tiny_gguf(path: Path, arch: str = "llama", *, n_heads: int = 4, n_kv: int = 2, head_dim: int = 8,
                     bias: bool = False, tied: bool = True, layers: int = 2, drop: str | None = None,
-                    rope_freqs: np.ndarray | None = None, seed: int = 0) -> dict[str, np.ndarray]:
+                    rope_freqs: np.ndarray | None = None, configure=None, seed: int = 0) -> dict[str, np.ndarray]:
     """A small random model written the way llama.cpp's converter does; returns its HF tensors."""
     rng = np.random.default_rng(seed)
     hidden, ffn, vocab = 32, 48, len(TOKENS)
@@ -322,6 +322,8 @@ def write_tiny_gguf(path: Path, arch: str = "llama", *, n_heads: int = 4, n_kv: 
     w.add_eos_token_id(2)
     w.add_add_bos_token(False)
     w.add_chat_template("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    if configure is not None:
+        configure(w)
     if rope_freqs is not None:
         w.add_tensor("rope_freqs.weight", rope_freqs.astype(np.float32))
     names = {v: k for k, v in wgguf._GLOBAL_NAMES.items()}
@@ -394,6 +396,25 @@ def test_llama3_rope_freqs_become_rope_scaling(tmp_path):
     assert read_gguf(path).config["rope_scaling"] == {
         "rope_type": "llama3", "factor": factor, "low_freq_factor": low, "high_freq_factor": high,
         "original_max_position_embeddings": old}
+
+
+def test_rope_freqs_that_fit_no_llama3_scaling(tmp_path):
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(path, rope_freqs=np.asarray([1.0, 3.0, 1.0, 2.0]))
+    with pytest.raises(InfLLMLiteError, match=r"tiny\.gguf: its rope_freqs tensor matches no Llama 3 RoPE scaling"):
+        read_gguf(path)
+
+
+def test_rope_scaling_keys(tmp_path):
+    def linear(w):
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(4.0)
+        w.add_rope_scaling_orig_ctx_len(64)
+
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(path, configure=linear)
+    assert read_gguf(path).config["rope_scaling"] == {
+        "rope_type": "linear", "factor": 4.0, "original_max_position_embeddings": 64}
 
 
 def test_convert_is_atomic(tmp_path, monkeypatch):
@@ -502,7 +523,7 @@ def test_unsupported_architecture(tmp_path):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    with pytest.raises(InfLLMLiteError, match=r"GGUF architecture 'gemma2' is not supported \(supported: llama, qwen2\)"):
+    with pytest.raises(InfLLMLiteError, match=r"'gemma2' is not supported \(supported: llama, qwen2\)"):
         read_gguf(path)
 
 

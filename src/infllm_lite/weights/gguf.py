@@ -57,6 +57,7 @@ _LAYER_NAMES = {
 _LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 _GLOBAL_RE = re.compile(r"(\w+)\.(weight|bias)")
 
+
 @dataclass
 class GGUFCheckpoint:
     """A GGUF file read into what a Hugging Face model folder holds."""
@@ -148,7 +149,7 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _llama3_rope_scaling(factors: np.ndarray, head_dim: int, theta: float, meta: dict, arch: str) -> dict:
+def _llama3_rope_scaling(factors: np.ndarray, head_dim: int, theta: float, meta: dict, arch: str, path: Path) -> dict:
     """Recover HF's ``rope_type: llama3`` parameters from llama.cpp's ``rope_freqs`` tensor.
 
     llama.cpp stores the per-frequency divisors that ``convert_hf_to_gguf.py`` computed from
@@ -178,7 +179,7 @@ def _llama3_rope_scaling(factors: np.ndarray, head_dim: int, theta: float, meta:
                     "high_freq_factor": high,
                     "original_max_position_embeddings": old,
                 }
-    raise InfLLMLiteError("the GGUF's rope_freqs tensor matches no Llama 3 RoPE scaling: not supported")
+    raise InfLLMLiteError(f"{path}: its rope_freqs tensor matches no Llama 3 RoPE scaling: not supported")
 
 
 def _config(meta: dict, arch: str, names: set[str], path: Path) -> dict:
@@ -234,7 +235,7 @@ def _tensors(reader, arch: str, config: dict, meta: dict, path: Path, progress: 
         if t.name == "rope_freqs.weight":  # llama 3 RoPE scaling, recovered into the config
             factors = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
             config["rope_scaling"] = _llama3_rope_scaling(
-                factors, config["head_dim"], config["rope_theta"], meta, arch
+                factors, config["head_dim"], config["rope_theta"], meta, arch, path
             )
             continue
         name = _hf_name(t.name)
@@ -263,8 +264,8 @@ def _check_complete(tensors: dict, config: dict, path: Path) -> None:
         names.append("lm_head.weight")
     for i in range(config["num_hidden_layers"]):
         names += [f"model.layers.{i}.{part}.weight" for part in _LAYER_NAMES.values()]
-    if config["model_type"] == "qwen2":
-        names += [f"model.layers.{i}.self_attn.{x}_proj.bias" for i in range(config["num_hidden_layers"]) for x in "qkv"]
+        if config["model_type"] == "qwen2":
+            names += [f"model.layers.{i}.self_attn.{x}_proj.bias" for x in "qkv"]
     for name in names:
         if name not in tensors:
             raise InfLLMLiteError(f"{path} lacks the tensor for {name}: not a complete model file")

@@ -58,3 +58,14 @@ def test_32_greedy_tokens_are_identical(smollm, reference, prompt_ids):
     assert len(expected) == 32
     got = list(generate_ids(model, prompt_ids, max_new_tokens=32))
     assert got == expected
+
+
+def test_loading_the_gguf_file_directly_gives_the_same_model(smollm, gguf_path):
+    from infllm_lite import load_model
+    model, tok = smollm
+    direct, direct_tok = load_model(gguf_path, dtype=torch.float32, device="cpu", progress=False)
+    ids = torch.tensor([tok.encode("The Eiffel Tower is in")])
+    with torch.no_grad():
+        assert torch.equal(direct(ids), model(ids))
+    assert direct_tok.encode(PASSAGE) == tok.encode(PASSAGE)
+    assert direct_tok.stop_token_ids == tok.stop_token_ids

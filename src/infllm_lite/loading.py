@@ -15,7 +15,7 @@ from .models.build import build_model
 from .models.transformer import Transformer
 from .tokenizer import Tokenizer
 from .weights.embedded import embedded_model_dir
-from .weights.gguf import convert_gguf
+from .weights.gguf import read_gguf, write_metadata_files
 from .weights.hf_folder import read_hf_config, read_hf_state_dict
 from .weights.hub import resolve_source
 
@@ -43,20 +43,31 @@ def load_model(source: str | os.PathLike | None = None, *, dtype: torch.dtype | 
         return load_hf_folder(embedded_model_dir(progress=progress), dtype=dtype, device=device)
     path = resolve_source(source)
     if path.is_file():  # resolve_source returns files only for .gguf
-        with tempfile.TemporaryDirectory(prefix="infllm_lite_gguf_") as tmp:
-            folder = convert_gguf(path, Path(tmp) / "model", progress=progress)
-            return load_hf_folder(folder, dtype=dtype, device=device)
+        return load_gguf(path, dtype=dtype, device=device, progress=progress)
     return load_hf_folder(path, dtype=dtype, device=device)
 
 
 def load_hf_folder(folder: Path, *, dtype: torch.dtype, device: torch.device) -> tuple[Transformer, Tokenizer]:
-    config = read_hf_config(folder)
-    args = ModelArgs.from_hf_config(config)
+    args = ModelArgs.from_hf_config(read_hf_config(folder))
     tokenizer = Tokenizer.from_dir(folder)
-    state_dict = read_hf_state_dict(folder)
-    model = build_model(args, state_dict, dtype=dtype, device=device)
+    return _build(args, read_hf_state_dict(folder), tokenizer, folder, dtype, device), tokenizer
+
+
+def load_gguf(path: Path, *, dtype: torch.dtype, device: torch.device,
+              progress: bool = True) -> tuple[Transformer, Tokenizer]:
+    """Dequantize in memory; only the small tokenizer files pass through a temporary folder."""
+    ckpt = read_gguf(path, progress=progress)
+    args = ModelArgs.from_hf_config(ckpt.config)
+    with tempfile.TemporaryDirectory(prefix="infllm_lite_gguf_") as tmp:
+        write_metadata_files(ckpt, Path(tmp))
+        tokenizer = Tokenizer.from_dir(tmp)
+    return _build(args, ckpt.tensors, tokenizer, path, dtype, device), tokenizer
+
+
+def _build(args: ModelArgs, state_dict: dict[str, torch.Tensor], tokenizer: Tokenizer, where: Path,
+           dtype: torch.dtype, device: torch.device) -> Transformer:
     if tokenizer.vocab_size > args.vocab_size:
         raise InfLLMLiteError(
-            f"{folder}: the tokenizer has {tokenizer.vocab_size} tokens but the model's "
+            f"{where}: the tokenizer has {tokenizer.vocab_size} tokens but the model's "
             f"vocabulary is {args.vocab_size}")
-    return model, tokenizer
+    return build_model(args, state_dict, dtype=dtype, device=device)

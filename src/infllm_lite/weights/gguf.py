@@ -299,6 +299,12 @@ def write_folder(ckpt: GGUFCheckpoint, folder: Path) -> None:
     """Write a checkpoint's files into an existing empty ``folder``."""
     from safetensors.torch import save_file
 
+    write_metadata_files(ckpt, folder)
+    save_file(ckpt.tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+def write_metadata_files(ckpt: GGUFCheckpoint, folder: Path) -> None:
+    """Write everything but the weights: config, generation config, tokenizer files."""
     (folder / "config.json").write_text(json.dumps(ckpt.config, indent=2) + "\n")
     generation = {k: ckpt.config[k] for k in ("bos_token_id", "eos_token_id") if ckpt.config.get(k) is not None}
     (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
@@ -306,7 +312,6 @@ def write_folder(ckpt: GGUFCheckpoint, folder: Path) -> None:
     (folder / "tokenizer_config.json").write_text(
         json.dumps(ckpt.tokenizer_config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
     )
-    save_file(ckpt.tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
 
 def convert_gguf(

@@ -22,7 +22,6 @@ network; a GGUF does not record Mistral's sliding window).
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import shutil
@@ -33,7 +32,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..config import ModelArgs
 from ..errors import InfLLMLiteError
+from ..models.rope import rope_inv_freq
 from .gguf_tokenizer import build_tokenizer
 
 # GGUF architecture -> (HF architectures[0], HF model_type)
@@ -157,28 +158,17 @@ def _llama3_rope_scaling(factors: np.ndarray, head_dim: int, theta: float, meta:
     is their maximum; the other three are searched among the values Llama 3.x uses.
     """
     factor = float(factors.max())
-    inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    base = ModelArgs(head_dim=head_dim, rope_theta=theta)
+    plain = rope_inv_freq(base).double().numpy()
     originals = [meta.get(f"{arch}.rope.scaling.original_context_length"), 8192, 4096, 2048]
     for old in [int(o) for o in originals if o]:
         for low, high in [(1.0, 4.0), (1.0, 2.0), (2.0, 8.0)]:
-            expect = []
-            for freq in inv_freq:
-                wavelen = 2 * math.pi / freq
-                if wavelen < old / high:
-                    expect.append(1.0)
-                elif wavelen > old / low:
-                    expect.append(factor)
-                else:
-                    smooth = (old / wavelen - low) / (high - low)
-                    expect.append(1 / ((1 - smooth) / factor + smooth))
+            scaling = {"rope_type": "llama3", "factor": factor, "low_freq_factor": low,
+                       "high_freq_factor": high, "original_max_position_embeddings": old}
+            base.rope_scaling = scaling
+            expect = plain / rope_inv_freq(base).double().numpy()  # the divisor of each frequency
             if np.allclose(np.asarray(expect, dtype=np.float32), factors, rtol=1e-5, atol=1e-6):
-                return {
-                    "rope_type": "llama3",
-                    "factor": factor,
-                    "low_freq_factor": low,
-                    "high_freq_factor": high,
-                    "original_max_position_embeddings": old,
-                }
+                return scaling
     raise InfLLMLiteError(f"{path}: its rope_freqs tensor matches no Llama 3 RoPE scaling: not supported")
 
 

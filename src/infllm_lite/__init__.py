@@ -9,10 +9,11 @@ from .config import ModelArgs
 from .errors import InfLLMLiteError
 from .generate import generate, generate_ids
 from .loading import load_model
+from .memory_config import MemoryConfig, memory_estimate
 from .models.transformer import Transformer
 from .tokenizer import Tokenizer
 
 __version__ = "0.1.0"
 
-__all__ = ["InfLLMLiteError", "ModelArgs", "Tokenizer", "Transformer", "generate", "generate_ids",
+__all__ = ["InfLLMLiteError", "MemoryConfig", "ModelArgs", "memory_estimate", "Tokenizer", "Transformer", "generate", "generate_ids",
            "load_model", "__version__"]

@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 
 from .attention import make_attention_state
 from .errors import InfLLMLiteError
+from .memory_config import MemoryConfig
 from .models.transformer import Transformer
 from .sampling import check_sampling, sample
 from .tokenizer import Tokenizer
@@ -31,22 +32,28 @@ def encode_prompt(tokenizer: Tokenizer, prompt: str | Sequence[dict]) -> list[in
 def generate_ids(model: Transformer, prompt_ids: Sequence[int], *, max_new_tokens: int = 256,
                  attention: str = "full", temperature: float = 0.0, top_p: float = 1.0,
                  top_k: int = 0, seed: int | None = None, stop_token_ids: set[int] = frozenset(),
-                 chunk_size: int = 8192, compile: bool = False,
-                 progress: bool = False) -> Iterator[int]:
+                 memory: MemoryConfig | None = None, chunk_size: int | None = None,
+                 compile: bool = False, progress: bool = False) -> Iterator[int]:
     """An iterator of new token ids, one at a time (stop tokens are not yielded).
 
     Arguments are checked here, before any work, not at the first ``next()``.
+    ``memory`` configures the ``streaming`` and ``infllm`` modes (default: one suited to the
+    model, ``MemoryConfig.for_model``); ``chunk_size`` defaults to ``memory.chunk_size``.
     """
     if not prompt_ids:
         raise InfLLMLiteError("the prompt is empty")
     if max_new_tokens < 1:
         raise InfLLMLiteError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if chunk_size is None:
+        chunk_size = memory.chunk_size if memory is not None else MemoryConfig.chunk_size
     if chunk_size < 1:
         raise InfLLMLiteError(f"chunk_size must be at least 1, got {chunk_size}")
     check_sampling(temperature, top_p, top_k)
+    if compile and attention != "full":
+        raise InfLLMLiteError(f"compile=True is not supported with attention={attention!r} yet (only 'full')")
     param = next(model.parameters())
     state = make_attention_state(attention, model.args, capacity=len(prompt_ids) + max_new_tokens,
-                                 dtype=param.dtype, device=param.device)
+                                 memory=memory, dtype=param.dtype, device=param.device)
     generator = None
     if seed is not None:
         generator = torch.Generator(device=param.device).manual_seed(seed)
@@ -127,20 +134,23 @@ def generate(model: Transformer, tokenizer: Tokenizer, prompt: str | Sequence[di
              max_new_tokens: int = 256, attention: str = "full", temperature: float = 0.0,
              top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
              stop: str | Sequence[str] | None = None, stream: bool = False,
-             chunk_size: int = 8192, compile: bool = False, progress: bool = False):
+             memory: MemoryConfig | None = None, chunk_size: int | None = None,
+             compile: bool = False, progress: bool = False):
     """Continue ``prompt`` (a string, or chat messages rendered with the chat template).
 
     Returns the generated text, or with ``stream=True`` an iterator of text pieces whose
     concatenation is that text. Stops at ``max_new_tokens``, at an end-of-sequence or
-    end-of-turn token, or before the first of the ``stop`` strings.
+    end-of-turn token, or before the first of the ``stop`` strings. ``attention`` is
+    ``full``, ``streaming`` or ``infllm``; ``memory`` (a ``MemoryConfig``) configures the
+    last two.
     """
     prompt_ids = encode_prompt(tokenizer, prompt)
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     stop_ids = set(tokenizer.stop_token_ids) | set(model.args.eos_token_ids)
     token_ids = generate_ids(model, prompt_ids, max_new_tokens=max_new_tokens, attention=attention,
                              temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-                             stop_token_ids=stop_ids, chunk_size=chunk_size, compile=compile,
-                             progress=progress)
+                             stop_token_ids=stop_ids, memory=memory, chunk_size=chunk_size,
+                             compile=compile, progress=progress)
     pieces = _stream_text(tokenizer, token_ids, stops)
     if stream:
         return pieces

@@ -6,20 +6,33 @@ import torch
 
 from ..config import ModelArgs
 from ..errors import InfLLMLiteError
+from ..memory_config import MemoryConfig
 from .base import AttentionState, LayerAttention
 from .full import FullAttentionState
 
-ATTENTION_MODES = ("full",)
+ATTENTION_MODES = ("full", "streaming", "infllm")
 
 
-def make_attention_state(mode: str, args: ModelArgs, *, capacity: int, batch_size: int = 1,
+def make_attention_state(mode: str, args: ModelArgs, *, capacity: int,
+                         memory: MemoryConfig | None = None, batch_size: int = 1,
                          dtype: torch.dtype = torch.float32,
                          device: torch.device | str = "cpu") -> AttentionState:
-    """A fresh attention memory of the given mode for ``capacity`` tokens."""
+    """A fresh attention memory of the given mode.
+
+    ``full`` preallocates ``capacity`` tokens; ``streaming`` and ``infllm`` are unbounded
+    and follow ``memory`` (default: ``MemoryConfig.for_model(args)``).
+    """
     if mode == "full":
         return FullAttentionState(args, capacity, batch_size=batch_size, dtype=dtype, device=device)
-    raise InfLLMLiteError(
-        f"unknown attention mode {mode!r}; available: {', '.join(ATTENTION_MODES)}")
+    if mode not in ATTENTION_MODES:
+        raise InfLLMLiteError(
+            f"unknown attention mode {mode!r}; available: {', '.join(ATTENTION_MODES)}")
+    memory = memory if memory is not None else MemoryConfig.for_model(args)
+    if mode == "streaming":
+        from .streaming import StreamingState
+        return StreamingState(args, memory, batch_size=batch_size, dtype=dtype, device=device)
+    from .infllm import InfLLMState
+    return InfLLMState(args, memory, batch_size=batch_size, dtype=dtype, device=device)
 
 
 __all__ = ["ATTENTION_MODES", "AttentionState", "FullAttentionState", "LayerAttention",

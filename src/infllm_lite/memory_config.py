@@ -1,0 +1,95 @@
+"""``MemoryConfig``: the InfLLM context-memory settings (SPEC §2), validated up front,
+and ``memory_estimate``: the bytes each memory tier will hold."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+from .config import ModelArgs
+from .errors import InfLLMLiteError
+
+CACHE_POLICIES = ("lru", "lru-s")
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    """InfLLM settings (defaults of the reference configs, SPEC §2)."""
+
+    n_init: int = 128  # initial (sink) tokens
+    n_local: int = 4096  # local window, the query's own token included
+    block_size: int = 128  # tokens per memory unit
+    topk: int = 16  # memory units retrieved per execution chunk
+    repr_topk: int = 4  # representative tokens per unit
+    exc_block_size: int = 512  # queries per execution chunk (one retrieval each)
+    max_cached_blocks: int = 32  # fast-tier block slots per layer
+    cache_policy: str = "lru"
+    score_decay: float = 0.1  # lru-s only
+    chunk_size: int = 8192  # tokens per model call during prefill
+
+    def __post_init__(self) -> None:
+        def fail(message: str) -> None:
+            raise InfLLMLiteError(f"invalid MemoryConfig: {message}")
+
+        for name in ("n_local", "block_size", "repr_topk", "exc_block_size", "max_cached_blocks",
+                     "chunk_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                fail(f"{name} must be a positive integer, got {value!r}")
+        for name in ("n_init", "topk"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                fail(f"{name} must be a non-negative integer, got {value!r}")
+        if self.exc_block_size > self.n_local:
+            fail(f"exc_block_size ({self.exc_block_size}) must be <= n_local ({self.n_local})")
+        if self.topk > self.max_cached_blocks:
+            fail(f"topk ({self.topk}) must be <= max_cached_blocks ({self.max_cached_blocks})")
+        if self.repr_topk > self.block_size:
+            fail(f"repr_topk ({self.repr_topk}) must be <= block_size ({self.block_size})")
+        if self.cache_policy not in CACHE_POLICIES:
+            fail(f"cache_policy must be one of {', '.join(CACHE_POLICIES)}, got {self.cache_policy!r}")
+        if not 0 <= self.score_decay <= 1:
+            fail(f"score_decay must be in [0, 1], got {self.score_decay}")
+
+    @classmethod
+    def for_model(cls, args: ModelArgs, **overrides) -> "MemoryConfig":
+        """A default suited to the model's native window: the local window plus the
+        retrieved blocks (the span a query attends) stay within half of it, so every
+        distance the model sees is one it was trained on."""
+        native = args.max_position_embeddings
+        n_local = min(4096, max(256, native // 4))
+        block_size = 128 if n_local >= 512 else 32
+        topk = max(1, min(16, (native // 2 - n_local) // block_size))
+        config = cls(n_local=n_local, block_size=block_size, topk=topk,
+                     n_init=min(128, n_local // 4), exc_block_size=min(512, n_local),
+                     max_cached_blocks=max(32, topk))
+        return replace(config, **overrides)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def memory_estimate(args: ModelArgs, config: MemoryConfig, n_tokens: int,
+                    bytes_per_element: int = 4) -> dict[str, int]:
+    """Bytes each tier holds after ``n_tokens`` tokens, over all layers (batch 1).
+
+    ``fast``: initial tokens, local window and pending remainder (K and V), the cached
+    block slots, and the representative vectors; ``slow``: K and V of every formed block
+    (the authoritative copy); ``total`` the sum.
+    """
+    if n_tokens < 0:
+        raise InfLLMLiteError(f"n_tokens must be >= 0, got {n_tokens}")
+    kv_token = 2 * args.n_kv_heads * args.head_dim * bytes_per_element  # one layer, K and V
+    n_blocks = n_formed_blocks(config, n_tokens)
+    resident = n_tokens - n_blocks * config.block_size  # initial tokens, pending remainder, window
+    cached_slots = min(n_blocks, config.max_cached_blocks) * config.block_size
+    repr_bytes = n_blocks * args.n_heads * args.head_dim * bytes_per_element
+    fast = args.n_layers * (resident * kv_token + cached_slots * kv_token + repr_bytes)
+    slow = args.n_layers * n_blocks * config.block_size * kv_token
+    return {"fast": fast, "slow": slow, "total": fast + slow,
+            "blocks_per_layer": n_blocks, "kv_bytes_per_token": args.n_layers * kv_token}
+
+
+def n_formed_blocks(config: MemoryConfig, n_tokens: int) -> int:
+    """Blocks formed once ``n_tokens`` tokens are processed (SPEC §3): block b forms when
+    its newest token ``n_init + (b+1)·B - 1 <= t - n_local`` with ``t = n_tokens - 1``."""
+    return max(0, (n_tokens - config.n_local - config.n_init) // config.block_size)

@@ -1,0 +1,212 @@
+"""StreamingLLM attention: ``n_init`` sink tokens + the last ``n_local`` tokens (SPEC §8).
+
+The rule, for a query at absolute position ``i``:
+
+* visible keys: the sinks ``j < n_init`` (``j <= i``) and the window keys ``j >= n_init``
+  with ``0 <= i - j < n_local`` (a sink inside the window is seen once, as a sink);
+  everything older is dropped for good;
+* positions are re-assigned inside the cache: the query sits at
+  ``p_i = min(i, n_init + n_local - 1)``, a window key ``j`` at ``p_i - (i - j)`` (true
+  relative distance), a sink ``j`` at ``j``. Up to ``n_init + n_local`` tokens this is
+  ordinary causal attention at true positions;
+* one softmax (scale ``1/√d``, float32) over sinks and window (computed in place on the
+  two score blocks, never concatenated); GQA: query head ``h`` reads
+  KV head ``h // (H / Hkv)``.
+
+Memory (per layer, preallocated once, never grows): keys/values are stored un-rotated in
+
+* a sink buffer of ``n_init`` slots (token ``j < n_init`` in slot ``j``);
+* a **ring** of ``R = n_local - 1`` slots for the past window (token ``j >= n_init`` in slot
+  ``(j - n_init) % R``): between calls it holds the last ``R`` non-sink tokens, all that a
+  later query can still see (its own token comes with its call). A call writes only its
+  own last ``R`` tokens into the ring (``index_copy_``, after attending), so a decode step
+  costs one slot write, not a copy of the window. Slot order does not matter: each slot's
+  absolute position is computed from the host-side length, and an unfilled slot gets a
+  position ``< n_init`` that the window mask rejects.
+
+Rotation: RoPE logits depend only on the difference of the two positions, so a slice of
+queries starting at ``a`` rotates its window part by one common offset ``c = a - p_a``
+(query at ``i - c``, key at ``j - c``: the true distance ``i - j``, angles stay below
+``n_init + 2·n_local``), and its sink part at the re-assigned positions (query at ``p_i``,
+sink at ``j``). The call's queries are processed in slices of at most ``n_local``, so a
+slice of ``Q`` queries materialises ``Q × (n_init + n_local - 1 + Q)`` scores per head.
+Everything a call needs besides the tensors (positions, masks, rotations, ring indices) is
+computed once per call from host-side ints and shared by all layers: no host
+synchronisation inside ``attend``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..config import ModelArgs
+from ..memory_config import MemoryConfig
+from ..models.rope import RotaryEmbedding, apply_rope
+from .base import AttentionState, LayerAttention
+
+
+@dataclass
+class _Slice:
+    """One slice of a call's queries (offsets relative to the call's first token)."""
+
+    start: int
+    stop: int
+    use_ring: bool  # whether the ring (the past window) can be visible to this slice
+    new_lo: int  # this call's non-sink keys [new_lo, new_hi) in the slice's window
+    new_hi: int
+    q_sink_rope: tuple[torch.Tensor, torch.Tensor]  # queries at p_i
+    q_win_rope: tuple[torch.Tensor, torch.Tensor]  # queries at i - c
+    k_win_rope: tuple[torch.Tensor, torch.Tensor]  # window keys (ring, then new) at j - c
+    sink_hidden: torch.Tensor  # (Q, n_sinks): True where a key is invisible
+    win_hidden: torch.Tensor  # (Q, window keys)
+
+
+@dataclass
+class _CallPlan:
+    """What every layer needs for one call of T tokens at absolute position L."""
+
+    call_sinks: int  # how many of the call's first tokens are sinks
+    n_sinks: int  # valid sink slots once this call's sinks are written
+    sink_rope: tuple[torch.Tensor, torch.Tensor]  # sinks at their own positions
+    slices: list[_Slice]
+    ring_src: int  # offset in the call of the first token written to the ring
+    ring_index: torch.Tensor | None  # ring slots of the call's tokens [ring_src, T)
+
+
+def _masked_scores(q: torch.Tensor, keys: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """q (B, Hkv, G, Q, d) @ keys (B, Hkv, S, d) → (B, Hkv, G·Q, S): the G query heads of a
+    kv head side by side, so keys are never expanded; ``hidden`` (Q, S) keys get -inf."""
+    B, Hkv, G, Q, d = q.shape
+    scores = q.reshape(B, Hkv, G * Q, d) @ keys.transpose(-1, -2)
+    scores.view(B, Hkv, G, Q, -1).masked_fill_(hidden, float("-inf"))
+    return scores
+
+
+class StreamingLayerAttention(LayerAttention):
+    """One layer's sinks and window ring (see the module docstring)."""
+
+    def __init__(self, state: "StreamingState", args: ModelArgs):
+        self.state = state
+        B, Hkv, d = state.batch_size, args.n_kv_heads, args.head_dim
+        zeros = dict(dtype=state.dtype, device=state.device)
+        self.k_sink = torch.zeros((B, Hkv, state.n_init, d), **zeros)  # un-rotated
+        self.v_sink = torch.zeros((B, Hkv, state.n_init, d), **zeros)
+        self.k_ring = torch.zeros((B, Hkv, state.ring_size, d), **zeros)  # un-rotated
+        self.v_ring = torch.zeros((B, Hkv, state.ring_size, d), **zeros)
+
+    def attend(self, q, k, v, positions, cos, sin, rope):
+        B, H, T, d = q.shape
+        Hkv = k.shape[1]
+        plan = self.state.plan(T, rope)
+        if plan.call_sinks:  # visible to the call's own later queries: store them first
+            L, m = self.state.length, plan.call_sinks
+            self.k_sink[:, :, L:L + m] = k[:, :, :m]
+            self.v_sink[:, :, L:L + m] = v[:, :, :m]
+        n_s = plan.n_sinks
+        k_sinks = apply_rope(self.k_sink[:, :, :n_s].float(), *plan.sink_rope)  # (B, Hkv, n_s, d)
+        v_sinks = self.v_sink[:, :, :n_s].float()
+        G = H // Hkv  # query head h reads kv head h // G: the G heads of a kv head side by side
+        qf = q.float().view(B, Hkv, G, T, d) / math.sqrt(d)
+        outs = []
+        for s in plan.slices:
+            qs = qf[..., s.start:s.stop, :]  # (B, Hkv, G, Q, d)
+            parts = []  # (scores, values) of the sinks and of the window
+            if n_s:
+                parts.append((_masked_scores(apply_rope(qs, *s.q_sink_rope), k_sinks, s.sink_hidden), v_sinks))
+            if s.use_ring or s.new_hi > s.new_lo:  # (no window keys when the slice holds only sinks)
+                keys, values = [k[:, :, s.new_lo:s.new_hi]], [v[:, :, s.new_lo:s.new_hi]]
+                if s.use_ring:
+                    keys.insert(0, self.k_ring)
+                    values.insert(0, self.v_ring)
+                k_win = apply_rope(torch.cat(keys, 2).float(), *s.k_win_rope)  # (B, Hkv, S, d)
+                parts.append((_masked_scores(apply_rope(qs, *s.q_win_rope), k_win, s.win_hidden),
+                              torch.cat(values, 2).float()))
+            # one softmax over sinks and window, in place on the two score blocks (no concatenation)
+            peak = functools.reduce(torch.maximum, [scores.amax(-1, keepdim=True) for scores, _ in parts])
+            total, out = 0, 0
+            for scores, values in parts:
+                weights = scores.sub_(peak).exp_()
+                total = total + weights.sum(-1, keepdim=True)
+                out = out + weights @ values
+            outs.append((out / total).view(B, Hkv, G, -1, d))
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-2)
+        if plan.ring_index is not None:  # after attending: the slots may still be read above
+            self.k_ring.index_copy_(2, plan.ring_index, k[:, :, plan.ring_src:])
+            self.v_ring.index_copy_(2, plan.ring_index, v[:, :, plan.ring_src:])
+        return out.reshape(B, H, T, d).to(q.dtype)
+
+
+class StreamingState(AttentionState):
+    """Sinks + window ring of every layer for one generation (batch sequences in step)."""
+
+    def __init__(self, args: ModelArgs, memory: MemoryConfig, *, batch_size: int = 1,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        self.n_init, self.n_local = memory.n_init, memory.n_local
+        self.ring_size = memory.n_local - 1  # past window tokens kept between calls
+        self.batch_size, self.dtype = batch_size, dtype
+        self.device = torch.device(device)
+        self.length = 0
+        self._plan_key: tuple[int, int] | None = None
+        self._plan: _CallPlan | None = None
+        self.layers = [StreamingLayerAttention(self, args) for _ in range(args.n_layers)]
+
+    def positions(self, n_tokens: int) -> torch.Tensor:
+        return torch.arange(self.length, self.length + n_tokens, device=self.device)
+
+    def advance(self, n_tokens: int) -> None:
+        self.length += n_tokens
+
+    def plan(self, n_tokens: int, rope: RotaryEmbedding) -> _CallPlan:
+        """The call's plan, made by the first layer and reused by the others."""
+        key = (self.length, n_tokens)
+        if self._plan_key != key:
+            self._plan = self._make_plan(self.length, n_tokens, rope)
+            self._plan_key = key
+        return self._plan
+
+    def _make_plan(self, L: int, T: int, rope: RotaryEmbedding) -> _CallPlan:
+        n_init, n_local, R, dev = self.n_init, self.n_local, self.ring_size, self.device
+        top = n_init + n_local - 1  # the highest re-assigned query position
+        end = L + T
+
+        def arange(lo: int, hi: int) -> torch.Tensor:
+            return torch.arange(lo, hi, device=dev)
+
+        def rot(pos: torch.Tensor):
+            return rope(pos, torch.float32)
+
+        n_sinks = min(n_init, end)
+        sink_pos = arange(0, n_sinks)
+        has_ring = R > 0 and L > n_init  # the ring holds at least one token
+        ring_pos = None
+        if has_ring:  # absolute position held by each slot (< n_init if never filled)
+            ring_pos = (L - 1) - torch.remainder((L - 1 - n_init) - arange(0, R), R)
+
+        slices = []
+        for a in range(L, end, n_local):
+            b = min(a + n_local, end)
+            c = a - min(a, top)  # common shift of the slice's window part
+            i = arange(a, b)
+            use_ring = has_ring and a - n_local + 1 < L
+            lo, hi = max(L, n_init, a - n_local + 1), b
+            new_pos = arange(lo, max(lo, hi))
+            win_pos = torch.cat([ring_pos, new_pos]) if use_ring else new_pos
+            dist = i[:, None] - win_pos[None, :]
+            win_mask = (dist >= 0) & (dist < n_local) & (win_pos >= n_init)[None, :]
+            sink_mask = sink_pos[None, :] <= i[:, None]
+            slices.append(_Slice(start=a - L, stop=b - L, use_ring=use_ring, new_lo=lo - L,
+                                 new_hi=max(lo, hi) - L, q_sink_rope=rot(i.clamp(max=top)),
+                                 q_win_rope=rot(i - c), k_win_rope=rot(win_pos - c),
+                                 sink_hidden=~sink_mask, win_hidden=~win_mask))
+
+        ring_first = max(L, n_init, end - R)
+        ring_index = None
+        if R > 0 and ring_first < end:
+            ring_index = torch.remainder(arange(ring_first, end) - n_init, R)
+        return _CallPlan(call_sinks=max(0, n_sinks - L),
+                         n_sinks=n_sinks, sink_rope=rot(sink_pos), slices=slices,
+                         ring_src=ring_first - L, ring_index=ring_index)

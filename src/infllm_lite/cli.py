@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 import time
 from pathlib import Path
 
 from .errors import InfLLMLiteError
 
 DTYPES = ("float32", "bfloat16", "float16")
+
+# The long-context demo (``infllm-lite demo``).
+DEMO_LENGTH = 32768  # prompt tokens by default
+DEMO_LENGTH_NOTE = "to be measured once InfLLM lands."
+FULL_BUDGET_S = 300  # full attention is skipped when estimated to take longer
+FULL_PROBE = 2048  # tokens of the full-attention prefill timed for that estimate
+FULL_CHUNK = 2048  # full attention's prefill call size (bounds its attention-mask memory)
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
@@ -59,9 +67,27 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("gguf", type=Path, metavar="FILE.gguf")
     c.add_argument("out_dir", type=Path, metavar="OUT_DIR")
 
-    d = sub.add_parser("demo", help="a short answer from the embedded model",
-                       description="Ask the embedded SmolLM2-135M-Instruct a question and stream its answer.")
-    d.add_argument("--question", default="What is the capital of France? Answer in one sentence.")
+    d = sub.add_parser(
+        "demo", help="long-context demo: find a pass key hidden in a long text",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="\n\n".join(textwrap.fill(paragraph, 88) for paragraph in (
+            "Hide a 5-digit pass key in a long text (InfiniteBench's passkey task), ask the model "
+            "for it with InfLLM's context memory, then show what full attention answers at the "
+            "same length, or why that is skipped (more than 4x the model's native window, or "
+            f"more than {FULL_BUDGET_S // 60} minutes estimated).",
+            f"The default length, {DEMO_LENGTH} tokens, is {DEMO_LENGTH_NOTE}",
+            "--question TEXT gives the short demo instead: one question, the answer streamed.")))
+    d.add_argument("--length", type=int, default=DEMO_LENGTH, metavar="N",
+                   help=f"prompt length in tokens (default {DEMO_LENGTH})")
+    d.add_argument("--depth", type=float, default=0.5, metavar="F",
+                   help="where the key sits in the text: 0 = start, 1 = end (default 0.5)")
+    d.add_argument("--seed", type=int, default=0, metavar="S", help="picks the key (default 0)")
+    d.add_argument("--attention", default="infllm", choices=("infllm", "streaming", "full"),
+                   help="attention mode that reads the haystack (default: infllm)")
+    d.add_argument("--no-full", action="store_true",
+                   help="do not compare with full attention")
+    d.add_argument("--question", metavar="TEXT", default=None,
+                   help="instead of the haystack, ask a short question and stream the answer")
     _add_model_options(d)
     return parser
 
@@ -121,6 +147,52 @@ def cmd_convert(args) -> None:
 
 
 def cmd_demo(args) -> None:
+    if args.question is not None:
+        return _demo_question(args)
+    from .eval.passkey import make_passkey_sample, score_passkey
+    from .generate import encode_prompt
+    from .memory_config import MemoryConfig
+
+    if args.length < 1:
+        raise InfLLMLiteError(f"--length must be at least 1, got {args.length}")
+    if not 0.0 <= args.depth <= 1.0:
+        raise InfLLMLiteError(f"--depth must be in [0, 1], got {args.depth}")
+    model, tokenizer = _load(args)
+    native = model.args.max_position_embeddings
+    sample = make_passkey_sample(tokenizer, args.length, args.depth, args.seed)
+    prompt_ids = encode_prompt(tokenizer, sample.messages)
+    name = args.model or "the embedded SmolLM2-135M-Instruct"
+    print(f"model: {name}, native window {native} tokens")
+    print(f"haystack: {sample.n_tokens} tokens ({sample.n_tokens / native:.1f}x the native window), "
+          f"a 5-digit pass key at depth {sample.depth:g} (token {sample.needle_token}, "
+          f"{sample.n_tokens - sample.needle_token} tokens back from the end of the prompt)")
+    if args.attention != "full":
+        m = MemoryConfig.for_model(model.args)
+        if args.attention == "infllm":
+            reach = m.n_init + m.n_local + (m.topk + 1) * m.block_size
+            print(f"infllm memory: {m.n_init} initial + {m.n_local} local tokens + the {m.topk} most "
+                  f"relevant blocks of {m.block_size} (at most {reach} keys per query), "
+                  f"{m.exc_block_size} queries per retrieval, {m.chunk_size} tokens per model call")
+        else:
+            print(f"streaming memory: {m.n_init} initial + {m.n_local} local tokens; the rest is dropped")
+
+    print(f"\n[{args.attention}] reading {sample.n_tokens} tokens ...", flush=True)
+    answer, seconds, prefill_tps = _demo_run(model, tokenizer, prompt_ids, args.attention, None)
+    _demo_report(answer, sample.key, seconds, prefill_tps, score_passkey)
+
+    if args.no_full or args.attention == "full":
+        return
+    reason = _full_attention_skip_reason(model, prompt_ids, native)
+    if reason:
+        print(f"\n[full attention] skipped: {reason}")
+        return
+    print(f"\n[full attention] reading the same {sample.n_tokens} tokens ...", flush=True)
+    answer, seconds, prefill_tps = _demo_run(model, tokenizer, prompt_ids, "full", FULL_CHUNK)
+    _demo_report(answer, sample.key, seconds, prefill_tps, score_passkey)
+
+
+def _demo_question(args) -> None:
+    """The short demo: one question, the answer streamed."""
     from .generate import encode_prompt, generate_ids
     model, tokenizer = _load(args)
     messages = [{"role": "user", "content": args.question}]
@@ -135,6 +207,74 @@ def cmd_demo(args) -> None:
     print(decoder.flush())
     seconds = time.perf_counter() - start
     print(f"[{len(prompt_ids)} prompt tokens, {n_tokens} new tokens in {seconds:.1f} s]")
+
+
+def _demo_run(model, tokenizer, prompt_ids, attention, chunk_size):
+    """Greedy answer (16 tokens at most) with a prefill progress bar; returns the answer,
+    the total seconds and the prefill speed (prompt tokens / time to the first new token)."""
+    from .generate import generate_ids
+    stop_ids = set(tokenizer.stop_token_ids) | set(model.args.eos_token_ids)
+    start = time.perf_counter()
+    first = None
+    new_ids = []
+    for token_id in generate_ids(model, prompt_ids, max_new_tokens=16, attention=attention,
+                                 stop_token_ids=stop_ids, chunk_size=chunk_size, progress=True):
+        first = first or time.perf_counter()
+        new_ids.append(token_id)
+    end = time.perf_counter()
+    prefill = (first or end) - start
+    answer = tokenizer.decode(new_ids, skip_special_tokens=True).strip()
+    return answer, end - start, len(prompt_ids) / prefill
+
+
+def _demo_report(answer, key, seconds, prefill_tps, score) -> None:
+    print(f"answer:   {answer}")
+    print(f"true key: {key}  ->  {'RIGHT' if score(answer, key) else 'WRONG'}")
+    print(f"time:     {seconds:.1f} s (prefill {prefill_tps:.0f} tokens/s)", flush=True)
+
+
+def _full_attention_skip_reason(model, prompt_ids, native) -> str | None:
+    """Why full attention is not run at this length (None: run it): more than 4x the native
+    window, or an estimated time above FULL_BUDGET_S."""
+    n = len(prompt_ids)
+    if n <= FULL_PROBE:
+        return None
+    too_long = n > 4 * native
+    seconds, basis = _full_attention_estimate(model, prompt_ids)
+    estimate = f"about {_minutes(seconds)} here ({basis})"
+    if too_long:
+        return (f"{n} tokens is more than 4x the model's native window of {native}: full attention "
+                f"would read positions it never saw in training, and it would take {estimate}")
+    if seconds > FULL_BUDGET_S:
+        return (f"it would take {estimate}, more than this demo's "
+                f"{FULL_BUDGET_S // 60}-minute limit")
+    return None
+
+
+def _full_attention_estimate(model, prompt_ids) -> tuple[float, str]:
+    """Seconds full attention needs to prefill ``prompt_ids``: a measured prefill of the
+    first FULL_PROBE tokens, scaled by the floating-point work (matmuls grow linearly with
+    the length, causal attention quadratically)."""
+    from .generate import generate_ids
+    n = len(prompt_ids)
+    probe = min(n, FULL_PROBE)
+    start = time.perf_counter()
+    for _ in generate_ids(model, prompt_ids[:probe], max_new_tokens=1, attention="full",
+                          chunk_size=FULL_CHUNK):
+        pass
+    measured = time.perf_counter() - start
+    a = model.args
+    linear = 2 * sum(p.numel() for name, p in model.named_parameters() if name.startswith("layers."))
+    quadratic = 2 * a.n_layers * a.n_heads * a.head_dim  # causal: L²/2 pairs, QK and PV, 2 flops each
+
+    def flops(length: int) -> float:
+        return linear * length + quadratic * length * length
+
+    return measured * flops(n) / flops(probe), f"estimated from a {probe}-token prefill in {measured:.1f} s"
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
 
 
 COMMANDS = {"generate": cmd_generate, "convert": cmd_convert, "demo": cmd_demo}

@@ -66,11 +66,17 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[int], *, max_new_token
 def _prefill_and_decode(model, state, ids, max_new_tokens, stop_token_ids, chunk_size, compile,
                         progress, sampling) -> Iterator[int]:
     with torch.inference_mode():
+        # The prompt minus its last token in calls of chunk_size, then the last token alone
+        # (SPEC §8): with a memory, the query that predicts the first new token retrieves
+        # for itself instead of sharing one retrieval with a whole execution chunk.
         bar = tqdm(total=ids.shape[1], desc="prefill", unit="tok", disable=not progress, leave=False)
-        for start in range(0, ids.shape[1], chunk_size):
-            chunk = ids[:, start:start + chunk_size]
-            logits = model(chunk, state, last_only=True)  # (1, 1, vocab)
+        body = ids[:, :-1]
+        for start in range(0, body.shape[1], chunk_size):
+            chunk = body[:, start:start + chunk_size]
+            model(chunk, state, last_only=True)
             bar.update(chunk.shape[1])
+        logits = model(ids[:, -1:], state)  # (1, 1, vocab)
+        bar.update(1)
         bar.close()
 
         step = model.step

@@ -1,0 +1,89 @@
+"""InfLLM at model level on the embedded SmolLM2-135M-Instruct (SPEC §4 consequences),
+and passkey retrieval beyond the model's 8K window."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from infllm_lite import InfLLMLiteError, MemoryConfig, generate
+from infllm_lite.attention import make_attention_state
+from infllm_lite.eval.passkey import make_passkey_sample, score_passkey
+
+SMALL = MemoryConfig(n_init=16, n_local=128, block_size=32, topk=2, repr_topk=4, exc_block_size=64,
+                     max_cached_blocks=4)
+
+
+def _logits(model, ids, mode, memory, calls):
+    state = make_attention_state(mode, model.args, capacity=ids.shape[1], memory=memory)
+    out, start = [], 0
+    with torch.inference_mode():
+        for size in calls:
+            out.append(model(ids[:, start:start + size], state))
+            start += size
+    return torch.cat(out, dim=1), state
+
+
+def test_within_the_window_infllm_is_full_attention(smollm):
+    model, tok = smollm
+    ids = torch.tensor([tok.encode("The quick brown fox jumps over the lazy dog. " * 30)])[:, :300]
+    with torch.inference_mode():
+        full = model(ids)
+    got, _ = _logits(model, ids, "infllm", MemoryConfig.for_model(model.args), [300])
+    torch.testing.assert_close(got, full, atol=1e-4, rtol=1e-4)
+    got, _ = _logits(model, ids, "infllm", replace(SMALL, n_local=300), [100, 1, 199])
+    torch.testing.assert_close(got, full, atol=1e-4, rtol=1e-4)
+
+
+def test_results_do_not_depend_on_the_model_call_size(smollm):
+    """Beyond the window (blocks formed and retrieved), splitting the prompt into calls at
+    execution-chunk boundaries changes nothing."""
+    model, tok = smollm
+    ids = torch.tensor([tok.encode("Alice met Bob in Paris in 1999, then moved to Rome. " * 40)])[:, :640]
+    reference, state = _logits(model, ids, "infllm", SMALL, [640])
+    assert state.layers[0].n_blocks > SMALL.topk  # retrieval really chose among blocks
+    for calls in ([64] * 10, [128, 512], [320, 320]):
+        got, _ = _logits(model, ids, "infllm", SMALL, calls)
+        torch.testing.assert_close(got, reference, atol=1e-4, rtol=1e-4)
+    text = generate(model, tok, "Alice met Bob in Paris. " * 60, attention="infllm", memory=SMALL,
+                    max_new_tokens=8)
+    for chunk_size in (64, 192):
+        assert generate(model, tok, "Alice met Bob in Paris. " * 60, attention="infllm", memory=SMALL,
+                        max_new_tokens=8, chunk_size=chunk_size) == text
+
+
+def test_bad_memory_configs_are_refused_before_any_work():
+    cases = [
+        (dict(exc_block_size=600, n_local=512), "exc_block_size (600) must be <= n_local (512)"),
+        (dict(topk=40, max_cached_blocks=32), "topk (40) must be <= max_cached_blocks (32)"),
+        (dict(block_size=0), "block_size must be a positive integer"),
+        (dict(repr_topk=8, block_size=4), "repr_topk (8) must be <= block_size (4)"),
+        (dict(n_init=-1), "n_init must be a non-negative integer"),
+        (dict(cache_policy="fifo"), "cache_policy must be one of"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(InfLLMLiteError) as err:
+            MemoryConfig(**kwargs)
+        assert message in str(err.value)
+
+
+@pytest.fixture(scope="module")
+def passkey_12k(smollm):
+    """12K tokens, 1.5x the model's native 8K window; the needle at depth 0.4, far outside
+    the local window; asked through the chat template."""
+    _, tok = smollm
+    sample = make_passkey_sample(tok, n_tokens=12000, depth=0.4, seed=1)
+    assert sample.n_tokens > 8192
+    return sample
+
+
+def test_infllm_finds_the_passkey_beyond_the_window(smollm, passkey_12k):
+    model, tok = smollm
+    answer = generate(model, tok, passkey_12k.messages, attention="infllm", max_new_tokens=12)
+    assert score_passkey(answer, passkey_12k.key), answer
+
+
+def test_streaming_loses_the_passkey_outside_its_window(smollm, passkey_12k):
+    model, tok = smollm
+    answer = generate(model, tok, passkey_12k.messages, attention="streaming", max_new_tokens=12)
+    assert not score_passkey(answer, passkey_12k.key), answer

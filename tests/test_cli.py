@@ -123,3 +123,13 @@ def test_help_explains_each_command():
     assert proc.returncode == 0
     for command in ("generate", "convert", "demo"):
         assert command in proc.stdout
+
+
+def test_generate_with_infllm_memory_options(capsys, tiny_folder):
+    code, out, err = run_cli(capsys, "generate", "--model", str(tiny_folder), "--prompt", "Hello " * 50,
+                             "--attention", "infllm", "--n-local", "16", "--n-init", "4",
+                             "--block-size", "4", "--topk", "2", "--max-new-tokens", "4")
+    assert code == 0 and out.strip(), err
+    code, _, err = run_cli(capsys, "generate", "--model", str(tiny_folder), "--prompt", "Hi",
+                           "--attention", "infllm", "--block-size", "0")
+    assert code == 1 and "block_size must be a positive integer" in err

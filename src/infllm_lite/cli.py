@@ -43,8 +43,13 @@ def _add_generation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     p.add_argument("--stop", action="append", default=None, metavar="TEXT",
                    help="stop before this string (repeatable)")
-    p.add_argument("--attention", default="full", help="attention mode (default: full)")
-    p.add_argument("--chunk-size", type=int, default=8192, help="prefill tokens per model call")
+    p.add_argument("--attention", default="full", metavar="MODE",
+                   help="full (default), streaming or infllm; infllm reads inputs far beyond the model's window")
+    p.add_argument("--chunk-size", type=int, default=None, help="prefill tokens per model call (default 8192)")
+    m = p.add_argument_group("memory (streaming and infllm; default: suited to the model's native window)")
+    for name, meaning in (("n-init", "initial (sink) tokens"), ("n-local", "local window in tokens"),
+                          ("block-size", "tokens per memory block"), ("topk", "blocks retrieved per chunk")):
+        m.add_argument(f"--{name}", type=int, default=None, help=meaning)
     p.add_argument("--compile", action="store_true", help="compile the decode step with torch.compile")
 
 
@@ -137,7 +142,11 @@ def cmd_generate(args) -> None:
     if args.chat:
         messages = [{"role": "system", "content": args.system}] if args.system else []
         prompt = messages + [{"role": "user", "content": prompt}]
-    pieces = generate(model, tokenizer, prompt, max_new_tokens=args.max_new_tokens,
+    from .memory_config import MemoryConfig
+    overrides = {k: getattr(args, k) for k in ("n_init", "n_local", "block_size", "topk")
+                 if getattr(args, k) is not None}
+    memory = MemoryConfig.for_model(model.args, **overrides) if overrides else None
+    pieces = generate(model, tokenizer, prompt, max_new_tokens=args.max_new_tokens, memory=memory,
                       attention=args.attention, temperature=args.temperature, top_p=args.top_p,
                       top_k=args.top_k, seed=args.seed, stop=args.stop, stream=True,
                       chunk_size=args.chunk_size, compile=args.compile)

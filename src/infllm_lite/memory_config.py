@@ -67,6 +67,10 @@ class MemoryConfig:
         topk = min(16, max(2, n_local // 128))
         config = cls(n_init=min(128, n_local // 2), n_local=n_local, block_size=128, topk=topk,
                      exc_block_size=min(512, n_local), max_cached_blocks=max(32, topk))
+        if "n_local" in overrides:  # keep the derived sizes consistent with an overridden window
+            overrides.setdefault("exc_block_size", min(config.exc_block_size, overrides["n_local"]))
+        if "topk" in overrides:
+            overrides.setdefault("max_cached_blocks", max(config.max_cached_blocks, overrides["topk"]))
         return replace(config, **overrides)
 
     def to_dict(self) -> dict:

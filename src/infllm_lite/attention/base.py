@@ -38,11 +38,12 @@ class AttentionState:
 
     layers: list[LayerAttention]
     length: int  # tokens consumed so far (host-side count, never read inside compiled code)
+    device: torch.device
 
     def positions(self, n_tokens: int) -> torch.Tensor:
         """(n_tokens,) absolute positions of the next tokens, as a device tensor."""
-        raise NotImplementedError
+        return torch.arange(self.length, self.length + n_tokens, device=self.device)
 
     def advance(self, n_tokens: int) -> None:
         """Record that n_tokens more tokens went through every layer."""
-        raise NotImplementedError
+        self.length += n_tokens

@@ -86,6 +86,3 @@ class FullAttentionState(AttentionState):
                 f"the KV cache holds {self.capacity} tokens; {self.length} used, "
                 f"{n_tokens} more requested")
         return self.slots[self.length:self.length + n_tokens].clone()  # fresh tensor: no storage offset for compiled graphs to guard on
-
-    def advance(self, n_tokens: int) -> None:
-        self.length += n_tokens

@@ -266,12 +266,6 @@ class InfLLMState(AttentionState):
         self._bias_key, self._biases = None, None
         self.layers = [InfLLMLayerAttention(self, args) for _ in range(args.n_layers)]
 
-    def positions(self, n_tokens: int) -> torch.Tensor:
-        return torch.arange(self.length, self.length + n_tokens, device=self.device)
-
-    def advance(self, n_tokens: int) -> None:
-        self.length += n_tokens
-
     def chunk_biases(self, key, pos_q, loc_pos, far_pos, group: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Additive masks (G·T, S) of an execution chunk: local keys visible iff
         0 <= i - j < n_local, far keys iff i - j >= n_local. Every layer sees the same

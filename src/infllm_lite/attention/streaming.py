@@ -154,12 +154,6 @@ class StreamingState(AttentionState):
         self._plan: _CallPlan | None = None
         self.layers = [StreamingLayerAttention(self, args) for _ in range(args.n_layers)]
 
-    def positions(self, n_tokens: int) -> torch.Tensor:
-        return torch.arange(self.length, self.length + n_tokens, device=self.device)
-
-    def advance(self, n_tokens: int) -> None:
-        self.length += n_tokens
-
     def plan(self, n_tokens: int, rope: RotaryEmbedding) -> _CallPlan:
         """The call's plan, made by the first layer and reused by the others."""
         key = (self.length, n_tokens)

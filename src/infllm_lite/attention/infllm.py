@@ -1,37 +1,64 @@
 """InfLLM context memory (SPEC §3–§6): initial tokens, local window, memory blocks chosen
 through representative vectors, pending remainder; one softmax over local and far keys.
 
-Per layer the memory holds, all keys **un-rotated**:
+Per layer, the keys an execution chunk may see live in one **slot array** of static
+length ``S = n_init + topk·block + (n_local + block + exc_block_size) + 1``:
 
-* ``init_k/v``   (B, Hkv, n_init, d): tokens 0 … n_init-1;
-* ``tail_k/v``   (B, Hkv, C, d): every later token not yet in a block (pending remainder
-  + local window + the current execution chunk), from position ``tail_start`` on, with
-  ``tail_scores`` (B, H, C) float32, the representative scores they collect while local;
-* ``block_k/v``  (B, Hkv, N, block, d) and ``block_repr`` (B, N, H·d): formed blocks.
+* slots ``[0, n_init)``: the initial tokens;
+* the next ``topk·block`` slots: the blocks selected for the current chunk, copied in;
+* the tail: every later token not yet in a block (pending remainder + local window + the
+  current chunk), from absolute position ``tail_start`` on, with ``tail_scores``
+  (B, H, ·) float32, the representative scores they collect while local;
+* the last slot: the sentinel of :mod:`.flex_joint`.
+
+Each slot holds its key twice, rotated at its own position (``k_rot``) and un-rotated
+(``k_raw``), and its value (``v``), all with the two indicator columns (real, sentinel).
+Every slot's absolute position is one shared (S,) tensor per chunk, so the geometry and
+the tile masks are built once per chunk for all layers. Formed blocks (``block_k/v``
+(B, Hkv, N, block, d), ``block_repr`` (B, N, H·d)) live outside the slots.
 
 A model call is cut into execution chunks of ``exc_block_size`` queries. For a chunk the
 layer (1) stores the chunk's keys, (2) selects the blocks (all if few, else top-k of
-``q̄ · repr``), (3) attends: local keys at their true RoPE positions, far keys (initial,
-selected blocks, pending remainder) with the query rotated at ``n_local - 1`` and the key
-un-rotated, one softmax over both, (4) adds the local probabilities to the keys' scores,
-(5) forms every block that left the window, vectorised over blocks. Every count used for
-slicing (length, blocks, tail start) is a host-side integer derived from positions, so
-nothing waits for the device; selections stay on the device.
+``q̄ · repr``) and copies them into their slots, (3) attends through
+:func:`.flex_joint.joint_attention_flex` (local keys at their true RoPE positions, far
+keys with the query at ``n_local - 1``, one softmax), (4) adds the local probabilities to
+the tail's scores, (5) forms every block that left the window, vectorised over blocks.
+Chunks are padded to ``exc_block_size`` queries (a single-token decode step stays one
+query), so compiled attention sees two shapes in a whole generation. Every count used for
+slicing is a host-side integer derived from positions, so nothing waits for the device;
+selections stay on the device.
 
-This module is the plain-torch path: scores are materialised per chunk (exc × keys per
-head), in float32.
+Backends (``InfLLMState(kernel=...)``): ``"flex"`` compiled FlexAttention (the default),
+``"flex-eager"`` the same calls uncompiled, ``"torch"`` every logit materialised (for
+debugging).
 """
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from ..config import ModelArgs
+from ..errors import InfLLMLiteError
 from ..memory_config import MemoryConfig, n_formed_blocks
 from ..models.rope import RotaryEmbedding, apply_rope
 from .base import AttentionState, LayerAttention
+from .flex_joint import (EMPTY, FAR, PAD_QUERY, ChunkMasks, chunk_masks, joint_attention_dense,
+                         joint_attention_flex)
+
+KERNELS = ("flex", "flex-eager", "torch")
+
+
+@dataclass
+class ChunkGeometry:
+    """What every layer shares for one execution chunk."""
+
+    padded: int  # query rows after padding
+    cos: torch.Tensor  # (padded, d) rotation of the query rows (position 0 on padding)
+    sin: torch.Tensor
+    masks: ChunkMasks
 
 
 class InfLLMLayerAttention(LayerAttention):
@@ -40,19 +67,17 @@ class InfLLMLayerAttention(LayerAttention):
     def __init__(self, state: "InfLLMState", args: ModelArgs):
         cfg = state.config
         B, Hkv, d = state.batch_size, args.n_kv_heads, args.head_dim
-        kw = dict(dtype=state.dtype, device=state.device)
         self.state, self.cfg = state, cfg
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, Hkv, d
-        self.init_k = torch.zeros(B, Hkv, cfg.n_init, d, **kw)
-        self.init_v = torch.zeros(B, Hkv, cfg.n_init, d, **kw)
-        capacity = cfg.n_local + cfg.block_size + cfg.exc_block_size  # tail never exceeds it
-        self.tail_k = torch.zeros(B, Hkv, capacity, d, **kw)
-        self.tail_v = torch.zeros(B, Hkv, capacity, d, **kw)
-        self.tail_scores = torch.zeros(B, args.n_heads, capacity, dtype=torch.float32, device=state.device)
-        self.tail_start = cfg.n_init  # absolute position of tail slot 0
+        slots = torch.zeros(B, Hkv, state.n_slots, d + 2, device=state.device)  # float32
+        slots[:, :, :-1, d] = 1.0  # "real" column
+        slots[:, :, -1, d + 1] = 1.0  # "sentinel" column
+        self.k_rot, self.k_raw, self.v = slots, slots.clone(), slots.clone()
+        self.tail_scores = torch.zeros(B, args.n_heads, state.tail_capacity, device=state.device)
+        self.tail_start = cfg.n_init  # absolute position of the first tail slot
         self.n_blocks = 0
-        self.block_k = torch.zeros(B, Hkv, 0, cfg.block_size, d, **kw)
-        self.block_v = torch.zeros(B, Hkv, 0, cfg.block_size, d, **kw)
+        self.block_k = torch.zeros(B, Hkv, 0, cfg.block_size, d, dtype=state.dtype, device=state.device)
+        self.block_v = torch.zeros(B, Hkv, 0, cfg.block_size, d, dtype=state.dtype, device=state.device)
         self.block_repr = torch.zeros(B, 0, args.n_heads * d, dtype=torch.float32, device=state.device)
         self.trace: list[tuple[int, int, torch.Tensor]] = []
 
@@ -68,81 +93,52 @@ class InfLLMLayerAttention(LayerAttention):
     # ------------------------------------------------------------------ one execution chunk
     def _chunk(self, q, k, v, s: int, e: int, rope: RotaryEmbedding) -> torch.Tensor:
         """q: (B, H, T, d), k/v: (B, Hkv, T, d) for positions [s, e). Returns (B, H, T, d)."""
-        cfg, device = self.cfg, q.device
-        n_local = cfg.n_local
-        self._store(k, v, s, e)
-
-        # Candidate keys (host-side ranges: no device sync)
-        n_init_seen = min(cfg.n_init, e)
-        loc_lo = max(s - n_local + 1, 0)  # oldest key local to some query of the chunk
-        far_hi = e - n_local  # keys < far_hi are far to some query of the chunk
-        tail_loc_b = max(0, e - self.tail_start)  # the tail is empty while e <= n_init
-        tail_loc_a = min(max(loc_lo, self.tail_start) - self.tail_start, tail_loc_b)
-        tail_far_b = max(0, min(far_hi, e) - self.tail_start)
-
-        q32 = q.float()
-        pos_q = torch.arange(s, e, device=device)  # (T,)
-        cos_q, sin_q = rope(pos_q, torch.float32)
-        q_loc = apply_rope(q32, cos_q, sin_q)  # (B, H, T, d) true positions
-        cos_f, sin_f = rope(torch.tensor([n_local - 1], device=device), torch.float32)
-        q_far = apply_rope(q32, cos_f, sin_f)  # (B, H, T, d) the one far angle
-
-        selected = self._select(q_far)  # (B, k_sel) block indices, or None
-
-        # Far keys: [initial | selected blocks | pending remainder], un-rotated
-        far_k = [self.init_k[:, :, :n_init_seen]]
-        far_v = [self.init_v[:, :, :n_init_seen]]
-        far_pos = [torch.arange(n_init_seen, device=device)]
+        state, T, d = self.state, e - s, self.head_dim
+        n_selected = min(self.n_blocks, self.cfg.topk)
+        geo = state.geometry(s, e, self.tail_start, n_selected, rope)
+        pad = geo.padded - T
+        q32 = F.pad(q.float(), (0, 0, 0, pad))  # (B, H, Tp, d)
+        q_loc = apply_rope(q32, geo.cos, geo.sin)  # true positions
+        q_far = apply_rope(q32, state.cos_far, state.sin_far)  # the one far angle
+        k_rot = apply_rope(k.float(), geo.cos[:T], geo.sin[:T])  # (B, Hkv, T, d)
+        self._store(k.float(), k_rot, v.float(), s, e)
+        selected = self._select(q_far[:, :, :T])  # (B, n_selected) or None
         if selected is not None:
-            bk, bv = self._gather_blocks(selected)
-            far_k.append(bk)
-            far_v.append(bv)
-            far_pos.append(torch.full((bk.shape[2],), -(1 << 40), device=device))  # always far
-        far_k.append(self.tail_k[:, :, :tail_far_b])
-        far_v.append(self.tail_v[:, :, :tail_far_b])
-        far_pos.append(torch.arange(self.tail_start, self.tail_start + tail_far_b, device=device))
-        far_k, far_v, far_pos = torch.cat(far_k, 2).float(), torch.cat(far_v, 2).float(), torch.cat(far_pos)
-
-        # Local keys: [initial | tail window], rotated at their true positions
-        init_loc = torch.arange(loc_lo, n_init_seen, device=device) if loc_lo < n_init_seen else None
-        loc_k, loc_v, loc_pos = [], [], []
-        if init_loc is not None:
-            loc_k.append(self.init_k[:, :, loc_lo:n_init_seen])
-            loc_v.append(self.init_v[:, :, loc_lo:n_init_seen])
-            loc_pos.append(init_loc)
-        loc_k.append(self.tail_k[:, :, tail_loc_a:tail_loc_b])
-        loc_v.append(self.tail_v[:, :, tail_loc_a:tail_loc_b])
-        loc_pos.append(torch.arange(self.tail_start + tail_loc_a, self.tail_start + tail_loc_b, device=device))
-        loc_k, loc_v, loc_pos = torch.cat(loc_k, 2).float(), torch.cat(loc_v, 2).float(), torch.cat(loc_pos)
-        cos_k, sin_k = rope(loc_pos, torch.float32)
-        loc_k = apply_rope(loc_k, cos_k, sin_k)
-
-        bias_loc, bias_far = self.state.chunk_biases(
-            (s, e, self.tail_start, far_k.shape[2]), pos_q, loc_pos, far_pos, q.shape[1] // k.shape[1])
-        out, p_loc = joint_attention(q_loc, q_far, loc_k, loc_v, far_k, far_v, bias_loc, bias_far)
-        # Representative scores of the tail keys (the initial tokens never form blocks)
-        n_init_loc = 0 if init_loc is None else init_loc.numel()
-        self.tail_scores[:, :, tail_loc_a:tail_loc_b] += p_loc[..., n_init_loc:]
-
-        if self.state.record:
+            self._place_selected(selected)
+        out, sums = state.attention(q_loc, q_far, F.pad(k_rot, (0, 0, 0, pad)), self.k_rot, self.k_raw,
+                                    self.v, geo.masks, self.cfg.n_local)
+        used = e - self.tail_start  # the tail holds positions [tail_start, e)
+        if used > 0:  # the initial tokens never form blocks: only the tail keeps scores
+            self.tail_scores[:, :, :used] += sums[:, :, state.tail_slot:state.tail_slot + used]
+        if state.record:
             self.trace.append((s, e, self._padded(selected)))
         self._form_blocks(e)
-        return out.to(q.dtype)
+        return out[:, :, :T].to(q.dtype)
 
     # ------------------------------------------------------------------ pieces
-    def _store(self, k, v, s: int, e: int) -> None:
-        """Append the chunk's keys/values: initial ones to init_*, the rest to the tail."""
-        n_init = self.cfg.n_init
+    def _store(self, k_raw, k_rot, v, s: int, e: int) -> None:
+        """Write the chunk's keys/values into their slots: initial tokens, then the tail."""
+        n_init, d = self.cfg.n_init, self.head_dim
         if s < n_init:
             m = min(e, n_init) - s
-            self.init_k[:, :, s:s + m] = k[:, :, :m]
-            self.init_v[:, :, s:s + m] = v[:, :, :m]
-            k, v, s = k[:, :, m:], v[:, :, m:], s + m
+            for buf, x in ((self.k_raw, k_raw), (self.k_rot, k_rot), (self.v, v)):
+                buf[:, :, s:s + m, :d] = x[:, :, :m]
+            k_raw, k_rot, v, s = k_raw[:, :, m:], k_rot[:, :, m:], v[:, :, m:], s + m
         if e > s:
-            a, b = s - self.tail_start, e - self.tail_start
-            self.tail_k[:, :, a:b] = k
-            self.tail_v[:, :, a:b] = v
-            self.tail_scores[:, :, a:b] = 0
+            a = self.state.tail_slot + s - self.tail_start
+            b = a + e - s
+            for buf, x in ((self.k_raw, k_raw), (self.k_rot, k_rot), (self.v, v)):
+                buf[:, :, a:b, :d] = x
+            self.tail_scores[:, :, s - self.tail_start:e - self.tail_start] = 0
+
+    def _place_selected(self, selected: torch.Tensor) -> None:
+        """Copy the selected blocks' K/V into the selection slots (a gather on the device)."""
+        B, n_sel = selected.shape
+        Hkv, bs, d = self.n_kv_heads, self.cfg.block_size, self.head_dim
+        index = selected[:, None, :, None, None].expand(B, Hkv, n_sel, bs, d)
+        a, b = self.cfg.n_init, self.cfg.n_init + n_sel * bs
+        self.k_raw[:, :, a:b, :d] = self.block_k[:, :, :self.n_blocks].gather(2, index).reshape(B, Hkv, -1, d)
+        self.v[:, :, a:b, :d] = self.block_v[:, :, :self.n_blocks].gather(2, index).reshape(B, Hkv, -1, d)
 
     def _select(self, q_far: torch.Tensor) -> torch.Tensor | None:
         """(B, k) indices of the blocks this chunk attends (SPEC §6); None if none."""
@@ -156,15 +152,6 @@ class InfLLMLayerAttention(LayerAttention):
         scores = (q_mean @ self.block_repr[:, :n].transpose(1, 2)).squeeze(1)  # (B, n)
         return scores.topk(topk, dim=-1).indices
 
-    def _gather_blocks(self, selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Selected blocks' K/V as (B, Hkv, k·block, d)."""
-        B, k_sel = selected.shape
-        Hkv, bs, d = self.n_kv_heads, self.cfg.block_size, self.head_dim
-        index = selected[:, None, :, None, None].expand(B, Hkv, k_sel, bs, d)
-        bk = self.block_k[:, :, :self.n_blocks].gather(2, index).reshape(B, Hkv, k_sel * bs, d)
-        bv = self.block_v[:, :, :self.n_blocks].gather(2, index).reshape(B, Hkv, k_sel * bs, d)
-        return bk, bv
-
     def _form_blocks(self, e: int) -> None:
         """Form every block that has left the window (SPEC §3), all at once."""
         cfg = self.cfg
@@ -172,13 +159,13 @@ class InfLLMLayerAttention(LayerAttention):
         new = target - self.n_blocks
         if new <= 0:
             return
-        B, Hkv, d, H, bs = self.tail_k.shape[0], self.n_kv_heads, self.head_dim, self.n_heads, cfg.block_size
-        n_tok = new * bs
-        keys = self.tail_k[:, :, :n_tok].reshape(B, Hkv, new, bs, d)
-        values = self.tail_v[:, :, :n_tok].reshape(B, Hkv, new, bs, d)
+        B, Hkv, d, H, bs = self.k_raw.shape[0], self.n_kv_heads, self.head_dim, self.n_heads, cfg.block_size
+        n_tok, t0 = new * bs, self.state.tail_slot
+        keys = self.k_raw[:, :, t0:t0 + n_tok, :d].reshape(B, Hkv, new, bs, d)
+        values = self.v[:, :, t0:t0 + n_tok, :d].reshape(B, Hkv, new, bs, d)
         scores = self.tail_scores[:, :, :n_tok].reshape(B, H, new, bs)
         top = scores.topk(cfg.repr_topk, dim=-1).indices  # (B, H, new, r)
-        keys_per_head = keys.float().repeat_interleave(H // Hkv, dim=1)  # (B, H, new, bs, d)
+        keys_per_head = keys.repeat_interleave(H // Hkv, dim=1)  # (B, H, new, bs, d)
         picked = keys_per_head.gather(3, top[..., None].expand(*top.shape, d))  # (B, H, new, r, d)
         repr_vec = picked.mean(dim=3).permute(0, 2, 1, 3).reshape(B, new, H * d)  # (B, new, H·d)
         self._grow_blocks(target)
@@ -189,8 +176,8 @@ class InfLLMLayerAttention(LayerAttention):
         # shift the tail left by the formed tokens
         used = e - self.tail_start  # the tail holds positions [tail_start, e)
         rest = used - n_tok
-        self.tail_k[:, :, :rest] = self.tail_k[:, :, n_tok:used].clone()
-        self.tail_v[:, :, :rest] = self.tail_v[:, :, n_tok:used].clone()
+        for buf in (self.k_raw, self.k_rot, self.v):
+            buf[:, :, t0:t0 + rest, :d] = buf[:, :, t0 + n_tok:t0 + used, :d].clone()
         self.tail_scores[:, :, :rest] = self.tail_scores[:, :, n_tok:used].clone()
         self.tail_start += n_tok
 
@@ -212,71 +199,63 @@ class InfLLMLayerAttention(LayerAttention):
 
     def _padded(self, selected: torch.Tensor | None) -> torch.Tensor:
         """Selection as (B, topk), sorted, -1 padded: the form tests compare."""
-        B, topk = self.init_k.shape[0], self.cfg.topk
-        out = torch.full((B, topk), -1, dtype=torch.long, device=self.init_k.device)
+        B, topk = self.k_raw.shape[0], self.cfg.topk
+        out = torch.full((B, topk), -1, dtype=torch.long, device=self.k_raw.device)
         if selected is not None and topk:
             out[:, :selected.shape[1]] = selected.sort(dim=-1).values
         return out
-
-
-def joint_attention(q_loc, q_far, loc_k, loc_v, far_k, far_v, bias_loc, bias_far):
-    """One softmax over local and far keys (SPEC §4), float32.
-
-    q_loc/q_far: (B, H, T, d) rotated at the queries' positions / at the far angle;
-    loc_k/v: (B, Hkv, S_l, d); far_k/v: (B, Hkv, S_f, d); bias_·: (G·T, S_·) additive masks
-    (0 visible, -inf not), rows ordered (query head in group, query). Returns the output
-    (B, H, T, d) and the local probabilities summed over the queries (B, H, S_l): the
-    representative scores' increments (SPEC §5).
-    """
-    B, H, T, d = q_loc.shape
-    Hkv, S_l, S_f = loc_k.shape[1], loc_k.shape[2], far_k.shape[2]
-    G = H // Hkv
-    scale = 1.0 / math.sqrt(d)
-    ql = (q_loc * scale).reshape(B * Hkv, G * T, d)
-    logits_loc = torch.baddbmm(bias_loc, ql, loc_k.reshape(B * Hkv, S_l, d).transpose(1, 2))
-    row_max = logits_loc.amax(dim=-1, keepdim=True)  # finite: a query always sees itself
-    if S_f:
-        qf = (q_far * scale).reshape(B * Hkv, G * T, d)
-        logits_far = torch.baddbmm(bias_far, qf, far_k.reshape(B * Hkv, S_f, d).transpose(1, 2))
-        row_max = torch.maximum(row_max, logits_far.amax(dim=-1, keepdim=True))
-    p_loc = logits_loc.sub_(row_max).exp_()  # (B·Hkv, G·T, S_l), unnormalised, in place
-    norm = p_loc.sum(dim=-1, keepdim=True)
-    out = p_loc @ loc_v.reshape(B * Hkv, S_l, d)
-    if S_f:
-        p_far = logits_far.sub_(row_max).exp_()
-        norm += p_far.sum(dim=-1, keepdim=True)
-        out += p_far @ far_v.reshape(B * Hkv, S_f, d)
-    inv = norm.reciprocal()  # (B·Hkv, G·T, 1)
-    out = (out * inv).view(B, H, T, d)
-    # sum over queries of the normalised local probabilities, per query head: a batched
-    # (1 × T) @ (T × S_l) product
-    scores = inv.view(B * H, 1, T) @ p_loc.view(B * H, T, S_l)  # (B·H, 1, S_l)
-    return out, scores.view(B, H, S_l)
 
 
 class InfLLMState(AttentionState):
     """InfLLM memories of all layers for one generation (unbounded length)."""
 
     def __init__(self, args: ModelArgs, config: MemoryConfig, *, batch_size: int = 1,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 kernel: str = "flex"):
+        if kernel not in KERNELS:
+            raise InfLLMLiteError(f"unknown InfLLM kernel {kernel!r}; available: {', '.join(KERNELS)}")
         self.config, self.batch_size, self.dtype = config, batch_size, dtype
         self.device = torch.device(device)
+        self.kernel = kernel
         self.length = 0
         self.record = False
-        self._bias_key, self._biases = None, None
+        self.group = args.n_heads // args.n_kv_heads
+        self.tail_slot = config.n_init + config.topk * config.block_size  # first tail slot
+        self.tail_capacity = config.n_local + config.block_size + config.exc_block_size  # never exceeded
+        self.n_slots = self.tail_slot + self.tail_capacity + 1  # + the sentinel
+        self._geometry_key, self._geometry = None, None
+        self.cos_far, self.sin_far = None, None
         self.layers = [InfLLMLayerAttention(self, args) for _ in range(args.n_layers)]
 
-    def chunk_biases(self, key, pos_q, loc_pos, far_pos, group: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Additive masks (G·T, S) of an execution chunk: local keys visible iff
-        0 <= i - j < n_local, far keys iff i - j >= n_local. Every layer sees the same
-        geometry for the same chunk, so the masks are built once and reused."""
-        if self._bias_key != key:
-            n_local, neg = self.config.n_local, float("-inf")
-            zero = torch.zeros((), device=self.device)
-            d_loc = pos_q[:, None] - loc_pos[None, :]
-            d_far = pos_q[:, None] - far_pos[None, :]
-            bias_loc = torch.where((d_loc >= 0) & (d_loc < n_local), zero, neg)
-            bias_far = torch.where(d_far >= n_local, zero, neg)
-            self._biases = (bias_loc.repeat(group, 1), bias_far.repeat(group, 1))
-            self._bias_key = key
-        return self._biases
+    def attention(self, q_loc, q_far, k_self, k_rot, k_raw, v, masks, n_local):
+        """The joint attention of one chunk through the chosen kernel."""
+        if self.kernel == "torch":
+            return joint_attention_dense(q_loc, q_far, k_self, k_rot, k_raw, v, masks, n_local)
+        return joint_attention_flex(q_loc, q_far, k_self, k_rot, k_raw, v, masks, n_local,
+                                    compiled=self.kernel == "flex")
+
+    def geometry(self, s: int, e: int, tail_start: int, n_selected: int,
+                 rope: RotaryEmbedding) -> ChunkGeometry:
+        """Positions, rotations and tile masks of the chunk [s, e): identical in every
+        layer, so built once per chunk. Chunks of more than one query are padded to
+        ``exc_block_size`` rows so that compiled attention sees one shape for them."""
+        key = (s, e, tail_start, n_selected)
+        if self._geometry_key == key:
+            return self._geometry
+        cfg, device = self.config, self.device
+        T = e - s
+        padded = T if T == 1 else cfg.exc_block_size
+        if self.cos_far is None:
+            self.cos_far, self.sin_far = rope(torch.tensor([cfg.n_local - 1], device=device), torch.float32)
+        rows = torch.arange(padded, device=device)
+        q_pos = torch.where(rows < T, s + rows, PAD_QUERY)  # (Tp,)
+        cos, sin = rope(torch.where(rows < T, s + rows, 0), torch.float32)
+        k_pos = torch.full((self.n_slots,), EMPTY, dtype=torch.long, device=device)
+        n_init_seen = min(cfg.n_init, e)
+        k_pos[:n_init_seen] = torch.arange(n_init_seen, device=device)
+        k_pos[cfg.n_init:cfg.n_init + n_selected * cfg.block_size] = FAR
+        used = max(0, e - tail_start)
+        k_pos[self.tail_slot:self.tail_slot + used] = torch.arange(tail_start, tail_start + used, device=device)
+        masks = chunk_masks(q_pos, k_pos, cfg.n_local, self.group)
+        self._geometry_key, self._geometry = key, ChunkGeometry(padded, cos, sin, masks)
+        return self._geometry

@@ -1,0 +1,242 @@
+"""InfLLM's joint softmax over local and far keys (SPEC §4) and the representative-score
+increments (SPEC §5), computed by FlexAttention over block masks.
+
+A layer's keys live in one slot array of static length S, each slot with an absolute
+position (``k_pos``): the initial tokens, the selected blocks (position ``FAR``: far from
+every query), the tail (pending remainder, window, current chunk), unused slots (position
+``EMPTY``: seen by nobody) and, last, one **sentinel** slot. Keys are kept twice: rotated
+at their own positions (``k_rot``, for local logits) and un-rotated (``k_raw``, for far
+logits). Values carry two extra columns: ``real`` (1 on every slot but the sentinel) and
+``sentinel`` (1 on the sentinel only).
+
+Compiled flex on the CPU returns no log-sum-exp, so the sentinel provides it. Three flex
+calls, each a normalised weighted sum:
+
+1. local: query rotated at i, keys ``k_rot``, visible iff ``0 <= i - j < n_local``; the
+   sentinel's logit is the query's own (self) logit, which is always visible, so
+   ``real ≥ 1/2`` and ``lse_loc = self + log(real) - log(sentinel)``;
+2. far: query rotated at ``n_local - 1``, keys ``k_raw``, visible iff ``i - j >= n_local``;
+   the sentinel's logit is ``lse_loc``: the sentinel then stands for the whole local mass,
+   so the call's value part is the far half of the joint output, already jointly
+   normalised, and its sentinel column is the local share ``w_loc = Z_loc / Z``;
+3. scores (roles swapped): every slot's rotated key attends to the chunk's rotated queries
+   (the ``G`` query heads of a KV head stacked along the sequence) with logit
+   ``s_ij - lse_i`` = log P(i → j), values one-hot in the query head, and a sentinel of
+   logit 0: the per-head sums Σ_i P(i → j) are the value columns over the sentinel column.
+
+Only log P(i → i) < -87 (a query giving its own token less than 1e-38 of its local
+attention) would underflow; nothing in the computation needs a dense mask.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+FLEX_BLOCK = 128  # FlexAttention's sparse block size: one BlockMask entry per 128 × 128 tile
+FAR = -(1 << 40)  # position of selected-block slots: far from every query
+EMPTY = 1 << 40  # position of unused slots: in every query's future, so never seen
+PAD_QUERY = -(1 << 41)  # position of padding query rows: sees nothing but the sentinel
+_BIG = 1 << 50
+
+
+@dataclass
+class ChunkMasks:
+    """Positions and tile-level visibility of one execution chunk (shared by all layers):
+    for each call, the number of visible key tiles per query tile and their indices."""
+
+    q_pos: torch.Tensor  # (T,) query positions, PAD_QUERY on padding rows
+    k_pos: torch.Tensor  # (S,) slot positions; the last slot is the sentinel
+    sw_pos: torch.Tensor  # (G·T + 1,) the swapped call's keys: the queries G times, sentinel
+    local: tuple[torch.Tensor, ...]  # (partial counts (1, 1, Qt), indices (1, 1, Qt, Kt), full …)
+    far: tuple[torch.Tensor, ...]
+    swapped: tuple[torch.Tensor, ...]  # slots as queries: (1, 1, Kt, ·)
+
+
+def _tile_range(pos: torch.Tensor, invalid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per FLEX_BLOCK tile of ``pos`` (L,): min and max valid position, and whether the
+    tile holds any invalid entry (or runs past the end)."""
+    pad = (-pos.shape[0]) % FLEX_BLOCK
+    pos = F.pad(pos, (0, pad)).view(-1, FLEX_BLOCK)
+    invalid = F.pad(invalid, (0, pad), value=True).view(-1, FLEX_BLOCK)
+    lo = torch.where(invalid, _BIG, pos).amin(dim=1)
+    hi = torch.where(invalid, -_BIG, pos).amax(dim=1)
+    return lo, hi, invalid.any(dim=1)
+
+
+def _tile_lists(visible: torch.Tensor, full: torch.Tensor, always: int) -> tuple[torch.Tensor, ...]:
+    """(Qt, Kt) tile visibility -> BlockMask's counts (1, 1, Qt) and indices
+    (1, 1, Qt, Kt), first of the partial tiles (``mask_mod`` decides each pair, the tile
+    ``always`` among them), then of the full tiles (every pair visible)."""
+    full = full & visible
+    full[:, always] = False
+    partial = visible & ~full
+    partial[:, always] = True
+
+    def listing(tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        order = torch.argsort((~tiles).to(torch.int8), dim=1, stable=True)  # listed tiles first
+        return tiles.sum(dim=1, dtype=torch.int32)[None, None], order.to(torch.int32)[None, None]
+
+    return (*listing(partial), *listing(full))
+
+
+def _block_mask(tiles, mask_mod, seq_lengths) -> BlockMask:
+    return BlockMask.from_kv_blocks(*tiles, BLOCK_SIZE=FLEX_BLOCK, mask_mod=mask_mod, seq_lengths=seq_lengths)
+
+
+def chunk_masks(q_pos: torch.Tensor, k_pos: torch.Tensor, n_local: int, group: int) -> ChunkMasks:
+    """Tile-level visibility of the three calls from the positions alone.
+
+    q_pos: (T,) query positions (``PAD_QUERY`` on padding rows); k_pos: (S,) slot
+    positions, the last slot being the sentinel. A tile pair is visited when some pair of
+    positions in it may be visible, and marked full when all are (then ``mask_mod`` is
+    skipped there); nothing finer than tiles is materialised.
+    """
+    S = k_pos.shape[0]
+    q_lo, q_hi, q_bad = _tile_range(q_pos, q_pos == PAD_QUERY)
+    slot = torch.arange(S, device=k_pos.device)
+    k_lo, k_hi, k_bad = _tile_range(k_pos, (k_pos == EMPTY) | (slot == S - 1))
+    clean = ~q_bad[:, None] & ~k_bad[None, :]
+    # local: i - j in [0, n_local) for some pair <=> the distance range [q_lo - k_hi,
+    # q_hi - k_lo] meets [0, n_local); for all pairs <=> it lies inside
+    local = (q_hi[:, None] - k_lo[None, :] >= 0) & (q_lo[:, None] - k_hi[None, :] < n_local)
+    local_full = clean & (q_lo[:, None] - k_hi[None, :] >= 0) & (q_hi[:, None] - k_lo[None, :] < n_local)
+    far = q_hi[:, None] - k_lo[None, :] >= n_local
+    far_full = clean & (q_lo[:, None] - k_hi[None, :] >= n_local)
+    sw_pos = torch.cat([q_pos.repeat(group), q_pos.new_full((1,), PAD_QUERY)])
+    s_lo, s_hi, s_bad = _tile_range(sw_pos, sw_pos == PAD_QUERY)
+    swapped = (s_hi[None, :] - k_lo[:, None] >= 0) & (s_lo[None, :] - k_hi[:, None] < n_local)
+    swapped_full = (~k_bad[:, None] & ~s_bad[None, :] & (s_lo[None, :] - k_hi[:, None] >= 0)
+                    & (s_hi[None, :] - k_lo[:, None] < n_local))
+    sentinel_tile = (S - 1) // FLEX_BLOCK
+    return ChunkMasks(q_pos, k_pos, sw_pos, _tile_lists(local, local_full, sentinel_tile),
+                      _tile_lists(far, far_full, sentinel_tile),
+                      _tile_lists(swapped, swapped_full, (sw_pos.shape[0] - 1) // FLEX_BLOCK))
+
+
+def joint_attention_flex(q_loc: torch.Tensor, q_far: torch.Tensor, k_self: torch.Tensor,
+                         k_rot: torch.Tensor, k_raw: torch.Tensor, v_ext: torch.Tensor,
+                         masks: ChunkMasks, n_local: int,
+                         compiled: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Joint local+far attention of one execution chunk (see the module docstring).
+
+    q_loc/q_far: (B, H, T, d) float32, rotated at the queries' positions / at n_local - 1;
+    k_self: (B, Hkv, T, d) the queries' own keys, rotated; k_rot/k_raw/v_ext:
+    (B, Hkv, S, d + 2) slots with the columns (…, real, sentinel). Returns the output
+    (B, H, T, d) and the per-slot sums over the queries of the jointly normalised local
+    probabilities (B, H, S). ``compiled=False`` runs the same flex calls eagerly (slow,
+    for tests and debugging).
+    """
+    local_call, far_call, swapped_call = _compiled_calls() if compiled else _CALLS
+    B, H, T, d = q_loc.shape
+    Hkv = k_rot.shape[1]
+    G = H // Hkv
+    root_d = math.sqrt(d)  # flex scales every logit by 1/sqrt(d): pre-multiply the extras
+    zeros = q_loc.new_zeros(B, H, T, 1)
+    # each query's logit with its own key: always visible, so a safe reference logit
+    self_logit = (q_loc * k_self.repeat_interleave(G, dim=1)).sum(dim=-1) / root_d  # (B, H, T)
+
+    # 1. local: the sentinel column of the query holds the self logit
+    q1 = torch.cat([q_loc, zeros, (self_logit * root_d)[..., None]], dim=-1)
+    o_loc = local_call(q1, k_rot, v_ext, masks.q_pos, masks.k_pos, masks.local, n_local)  # (B, H, T, d + 2)
+    real, sent = o_loc[..., d], o_loc[..., d + 1]
+    has_local = real > 0  # False only on padding rows
+    lse_loc = torch.where(has_local, self_logit + real.log() - sent.log(), 0.0)
+    out_loc = o_loc[..., :d] / torch.where(has_local, real, 1.0)[..., None]
+
+    # 2. far: the sentinel stands for the whole local mass
+    q2 = torch.cat([q_far, zeros, (lse_loc * root_d)[..., None]], dim=-1)
+    o_far = far_call(q2, k_raw, v_ext, masks.q_pos, masks.k_pos, masks.far, n_local)  # (B, H, T, d + 2)
+    w_loc = o_far[..., d + 1]  # local share of the joint mass
+    out = out_loc * w_loc[..., None] + o_far[..., :d]
+    lse = torch.where(has_local, lse_loc - w_loc.log(), 0.0)  # (B, H, T) joint log-sum-exp
+
+    # 3. swapped: slots attend to the queries (the G heads of a KV head stacked); the
+    # query's real column carries -lse so the logit is log P(i -> j); a zero key is the
+    # sentinel of logit 0
+    n_sw = G * T
+    keys = torch.cat([q_loc, (-lse * root_d)[..., None], zeros], dim=-1).reshape(B, Hkv, n_sw, d + 2)
+    keys = torch.cat([keys, keys.new_zeros(B, Hkv, 1, d + 2)], dim=2)
+    values = _one_hot_values(G, T, q_loc).expand(B, Hkv, -1, -1).contiguous()  # (B, Hkv, n_sw + 1, G + 1)
+    o_sw = swapped_call(k_rot, keys, values, masks.sw_pos, masks.k_pos, masks.swapped, n_local)  # (B, Hkv, S, G + 1)
+    sums = o_sw[..., :G] / o_sw[..., G:]  # (B, Hkv, S, G)
+    return out, sums.permute(0, 1, 3, 2).reshape(B, H, -1)
+
+
+def joint_attention_dense(q_loc: torch.Tensor, q_far: torch.Tensor, k_self: torch.Tensor,
+                          k_rot: torch.Tensor, k_raw: torch.Tensor, v_ext: torch.Tensor,
+                          masks: ChunkMasks, n_local: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same as :func:`joint_attention_flex` with every logit materialised: the plain
+    torch path, for debugging (no compile, (B, H, T, S) scores)."""
+    B, H, T, d = q_loc.shape
+    G = H // k_rot.shape[1]
+    keys_loc = k_rot[:, :, :-1, :d].repeat_interleave(G, dim=1)  # (B, H, S-1, d), sentinel dropped
+    keys_far = k_raw[:, :, :-1, :d].repeat_interleave(G, dim=1)
+    values = v_ext[:, :, :-1, :d].repeat_interleave(G, dim=1)
+    dist = masks.q_pos[:, None] - masks.k_pos[None, :-1]  # (T, S-1)
+    local = (dist >= 0) & (dist < n_local)
+    far = dist >= n_local
+    scale = 1.0 / math.sqrt(d)
+    logits = torch.where(local, q_loc @ keys_loc.transpose(-1, -2) * scale,
+                         torch.where(far, q_far @ keys_far.transpose(-1, -2) * scale, float("-inf")))
+    p = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # padding rows see nothing
+    sums = (p * local).sum(dim=2)  # (B, H, S-1)
+    return p @ values, F.pad(sums, (0, 1))
+
+
+def _local_call(q, k, v, q_pos, k_pos, tiles, n_local: int):
+    """Local keys at their true RoPE distance, plus the sentinel."""
+    T, S, sentinel = q.shape[2], k.shape[2], k.shape[2] - 1
+
+    def mask_mod(b, h, qi, kv):
+        dist = q_pos[qi] - k_pos[kv]
+        return (kv == sentinel) | ((dist >= 0) & (dist < n_local))
+
+    mask = _block_mask(tiles, mask_mod, (T, S))
+    return flex_attention(q, k, v, block_mask=mask, scale=1.0 / math.sqrt(q.shape[-1] - 2), enable_gqa=True)
+
+
+def _far_call(q, k, v, q_pos, k_pos, tiles, n_local: int):
+    """Far keys at the one far angle, plus the sentinel."""
+    T, S, sentinel = q.shape[2], k.shape[2], k.shape[2] - 1
+
+    def mask_mod(b, h, qi, kv):
+        return (kv == sentinel) | (q_pos[qi] - k_pos[kv] >= n_local)
+
+    mask = _block_mask(tiles, mask_mod, (T, S))
+    return flex_attention(q, k, v, block_mask=mask, scale=1.0 / math.sqrt(q.shape[-1] - 2), enable_gqa=True)
+
+
+def _swapped_call(slots, keys, values, sw_pos, k_pos, tiles, n_local: int):
+    """Slots (as queries) over the stacked queries (as keys), plus the sentinel key."""
+    S, n_keys, sentinel = slots.shape[2], keys.shape[2], keys.shape[2] - 1
+
+    def mask_mod(b, h, si, qk):
+        dist = sw_pos[qk] - k_pos[si]
+        return (qk == sentinel) | ((dist >= 0) & (dist < n_local))
+
+    mask = _block_mask(tiles, mask_mod, (S, n_keys))
+    return flex_attention(slots, keys, values, block_mask=mask, scale=1.0 / math.sqrt(slots.shape[-1] - 2))
+
+
+_CALLS = (_local_call, _far_call, _swapped_call)
+_COMPILED = None
+
+
+def _compiled_calls():
+    """The three calls compiled once per process (static shapes: one graph per shape)."""
+    global _COMPILED
+    if _COMPILED is None:
+        _COMPILED = tuple(torch.compile(f, dynamic=False) for f in _CALLS)
+    return _COMPILED
+
+
+def _one_hot_values(G: int, T: int, like: torch.Tensor) -> torch.Tensor:
+    """(1, 1, G·T + 1, G + 1): row c·T + t is one-hot at c, the last row at G."""
+    rows = torch.arange(G * T + 1, device=like.device)
+    col = torch.where(rows < G * T, rows // T, G)
+    return F.one_hot(col, G + 1).to(like.dtype)[None, None]

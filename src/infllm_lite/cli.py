@@ -50,7 +50,11 @@ def _add_generation_options(p: argparse.ArgumentParser) -> None:
     for name, meaning in (("n-init", "initial (sink) tokens"), ("n-local", "local window in tokens"),
                           ("block-size", "tokens per memory block"), ("topk", "blocks retrieved per chunk")):
         m.add_argument(f"--{name}", type=int, default=None, help=meaning)
-    p.add_argument("--compile", action="store_true", help="compile the decode step with torch.compile")
+    m.add_argument("--attention-kernel", default="flex", choices=("flex", "flex-eager", "torch"),
+                   help="how infllm computes attention: flex (compiled FlexAttention, default), "
+                        "flex-eager, or torch (plain, every logit materialised: for debugging)")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the whole decode step with torch.compile (full attention only)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -149,7 +153,8 @@ def cmd_generate(args) -> None:
     pieces = generate(model, tokenizer, prompt, max_new_tokens=args.max_new_tokens, memory=memory,
                       attention=args.attention, temperature=args.temperature, top_p=args.top_p,
                       top_k=args.top_k, seed=args.seed, stop=args.stop, stream=True,
-                      chunk_size=args.chunk_size, compile=args.compile)
+                      chunk_size=args.chunk_size, compile=args.compile,
+                      attention_kernel=args.attention_kernel)
     _stream_to_stdout(pieces)
 
 

@@ -33,12 +33,15 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[int], *, max_new_token
                  attention: str = "full", temperature: float = 0.0, top_p: float = 1.0,
                  top_k: int = 0, seed: int | None = None, stop_token_ids: set[int] = frozenset(),
                  memory: MemoryConfig | None = None, chunk_size: int | None = None,
-                 compile: bool = False, progress: bool = False) -> Iterator[int]:
+                 compile: bool = False, progress: bool = False,
+                 attention_kernel: str = "flex") -> Iterator[int]:
     """An iterator of new token ids, one at a time (stop tokens are not yielded).
 
     Arguments are checked here, before any work, not at the first ``next()``.
     ``memory`` configures the ``streaming`` and ``infllm`` modes (default: one suited to the
     model, ``MemoryConfig.for_model``); ``chunk_size`` defaults to ``memory.chunk_size``.
+    ``attention_kernel`` computes ``infllm``: ``flex`` (compiled FlexAttention, the default),
+    ``flex-eager`` or ``torch`` (plain, every logit materialised: for debugging).
     """
     if not prompt_ids:
         raise InfLLMLiteError("the prompt is empty")
@@ -50,10 +53,13 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[int], *, max_new_token
         raise InfLLMLiteError(f"chunk_size must be at least 1, got {chunk_size}")
     check_sampling(temperature, top_p, top_k)
     if compile and attention != "full":
-        raise InfLLMLiteError(f"compile=True is not supported with attention={attention!r} yet (only 'full')")
+        raise InfLLMLiteError(
+            f"compile=True applies to attention='full' only; {attention!r} is not compiled as a "
+            "whole model (infllm compiles its own attention, see attention_kernel)")
     param = next(model.parameters())
     state = make_attention_state(attention, model.args, capacity=len(prompt_ids) + max_new_tokens,
-                                 memory=memory, dtype=param.dtype, device=param.device)
+                                 memory=memory, dtype=param.dtype, device=param.device,
+                                 kernel=attention_kernel)
     generator = None
     if seed is not None:
         generator = torch.Generator(device=param.device).manual_seed(seed)
@@ -141,14 +147,14 @@ def generate(model: Transformer, tokenizer: Tokenizer, prompt: str | Sequence[di
              top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
              stop: str | Sequence[str] | None = None, stream: bool = False,
              memory: MemoryConfig | None = None, chunk_size: int | None = None,
-             compile: bool = False, progress: bool = False):
+             compile: bool = False, progress: bool = False, attention_kernel: str = "flex"):
     """Continue ``prompt`` (a string, or chat messages rendered with the chat template).
 
     Returns the generated text, or with ``stream=True`` an iterator of text pieces whose
     concatenation is that text. Stops at ``max_new_tokens``, at an end-of-sequence or
     end-of-turn token, or before the first of the ``stop`` strings. ``attention`` is
     ``full``, ``streaming`` or ``infllm``; ``memory`` (a ``MemoryConfig``) configures the
-    last two.
+    last two; ``attention_kernel`` is as in :func:`generate_ids`.
     """
     prompt_ids = encode_prompt(tokenizer, prompt)
     stops = [stop] if isinstance(stop, str) else list(stop or [])
@@ -156,7 +162,7 @@ def generate(model: Transformer, tokenizer: Tokenizer, prompt: str | Sequence[di
     token_ids = generate_ids(model, prompt_ids, max_new_tokens=max_new_tokens, attention=attention,
                              temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                              stop_token_ids=stop_ids, memory=memory, chunk_size=chunk_size,
-                             compile=compile, progress=progress)
+                             compile=compile, progress=progress, attention_kernel=attention_kernel)
     pieces = _stream_text(tokenizer, token_ids, stops)
     if stream:
         return pieces

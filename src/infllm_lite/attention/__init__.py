@@ -16,14 +16,18 @@ ATTENTION_MODES = ("full", "streaming", "infllm")
 def make_attention_state(mode: str, args: ModelArgs, *, capacity: int,
                          memory: MemoryConfig | None = None, batch_size: int = 1,
                          dtype: torch.dtype = torch.float32,
-                         device: torch.device | str = "cpu") -> AttentionState:
+                         device: torch.device | str = "cpu", kernel: str = "flex") -> AttentionState:
     """A fresh attention memory of the given mode.
 
     ``full`` preallocates ``capacity`` tokens; ``streaming`` and ``infllm`` are unbounded
-    and follow ``memory`` (default: ``MemoryConfig.for_model(args)``).
+    and follow ``memory`` (default: ``MemoryConfig.for_model(args)``); ``kernel`` chooses
+    how ``infllm`` computes its attention (``flex``, ``flex-eager``, ``torch``).
     """
     if mode == "full":
         return FullAttentionState(args, capacity, batch_size=batch_size, dtype=dtype, device=device)
+    from .infllm import KERNELS
+    if kernel not in KERNELS:
+        raise InfLLMLiteError(f"unknown attention kernel {kernel!r}; available: {', '.join(KERNELS)}")
     if mode not in ATTENTION_MODES:
         raise InfLLMLiteError(
             f"unknown attention mode {mode!r}; available: {', '.join(ATTENTION_MODES)}")
@@ -32,7 +36,7 @@ def make_attention_state(mode: str, args: ModelArgs, *, capacity: int,
         from .streaming import StreamingState
         return StreamingState(args, memory, batch_size=batch_size, dtype=dtype, device=device)
     from .infllm import InfLLMState
-    return InfLLMState(args, memory, batch_size=batch_size, dtype=dtype, device=device)
+    return InfLLMState(args, memory, batch_size=batch_size, dtype=dtype, device=device, kernel=kernel)
 
 
 __all__ = ["ATTENTION_MODES", "AttentionState", "FullAttentionState", "LayerAttention",

@@ -3,6 +3,7 @@ and ``memory_estimate``: the bytes each memory tier will hold."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, replace
 
 from .config import ModelArgs
@@ -25,6 +26,11 @@ class MemoryConfig:
     cache_policy: str = "lru"
     score_decay: float = 0.1  # lru-s only
     chunk_size: int = 8192  # tokens per model call during prefill
+    # Slow-tier budget: bytes of formed-block K/V kept in host memory over all layers (each
+    # layer's pool gets an equal share); older blocks go to a memory-mapped file in
+    # ``offload_dir``. None: unlimited (no disk tier).
+    max_host_bytes: int | None = None
+    offload_dir: str | None = None  # None: a temporary directory, removed when the pool closes
 
     def __post_init__(self) -> None:
         def fail(message: str) -> None:
@@ -49,6 +55,14 @@ class MemoryConfig:
             fail(f"cache_policy must be one of {', '.join(CACHE_POLICIES)}, got {self.cache_policy!r}")
         if not 0 <= self.score_decay <= 1:
             fail(f"score_decay must be in [0, 1], got {self.score_decay}")
+        if self.max_host_bytes is not None and (
+                not isinstance(self.max_host_bytes, int) or isinstance(self.max_host_bytes, bool)
+                or self.max_host_bytes <= 0):
+            fail(f"max_host_bytes must be a positive integer or None, got {self.max_host_bytes!r}")
+        if self.offload_dir is not None:
+            if not isinstance(self.offload_dir, (str, os.PathLike)) or not os.fspath(self.offload_dir):
+                fail(f"offload_dir must be a directory path or None, got {self.offload_dir!r}")
+            object.__setattr__(self, "offload_dir", os.fspath(self.offload_dir))  # Path -> str
 
     @classmethod
     def for_model(cls, args: ModelArgs, **overrides) -> "MemoryConfig":

@@ -6,8 +6,10 @@ position (``k_pos``): the initial tokens, the selected blocks (position ``FAR``:
 every query), the tail (pending remainder, window, current chunk), unused slots (position
 ``EMPTY``: seen by nobody) and, last, one **sentinel** slot. Keys are kept twice: rotated
 at their own positions (``k_rot``, for local logits) and un-rotated (``k_raw``, for far
-logits). Values carry two extra columns: ``real`` (1 on every slot but the sentinel) and
-``sentinel`` (1 on the sentinel only).
+logits). Keys and values carry two extra columns: ``real`` (1 on every slot but the
+sentinel) and ``sentinel`` (1 on the sentinel only). A query's extra columns then set the
+sentinel's logit (or subtract a constant from every real logit) inside the ordinary dot
+product: no ``score_mod``, only position-based ``mask_mod``s.
 
 Compiled flex on the CPU returns no log-sum-exp, so the sentinel provides it. Three flex
 calls, each a normalised weighted sum:
@@ -23,9 +25,12 @@ calls, each a normalised weighted sum:
    (the ``G`` query heads of a KV head stacked along the sequence) with logit
    ``s_ij - lse_i`` = log P(i → j), values one-hot in the query head, and a sentinel of
    logit 0: the per-head sums Σ_i P(i → j) are the value columns over the sentinel column.
+   A single query (decode) reads its local probabilities off directly instead.
 
-Only log P(i → i) < -87 (a query giving its own token less than 1e-38 of its local
-attention) would underflow; nothing in the computation needs a dense mask.
+Only log P(i → i) < -87 within the local window (a query giving its own token less than
+1e-38 of its local attention) would underflow. Nothing finer than 128 × 128 tiles is
+materialised. The same code runs on CUDA, where compiled flex could also return the
+log-sum-exp directly.
 """
 
 from __future__ import annotations
@@ -182,9 +187,9 @@ def _joint(q_loc, q_far, k_self, k_rot, k_raw, v_ext, q_pos, k_pos, sw_pos, loca
     n_sw = G * T
     keys = torch.cat([q_loc, (-lse * root_d)[..., None], zeros], dim=-1).reshape(B, Hkv, n_sw, d + 2)
     keys = torch.cat([keys, keys.new_zeros(B, Hkv, 1, d + 2)], dim=2)
-    values = _one_hot_values(G, T, q_loc).expand(B, Hkv, -1, -1).contiguous()  # (B, Hkv, n_sw + 1, G + 1)
+    values = _one_hot_values(G, T, q_loc).expand(B, Hkv, -1, -1).contiguous()  # (B, Hkv, n_sw + 1, ≥ G + 1)
     o_sw = swapped_call(k_rot, keys, values, sw_pos, k_pos, swapped_tiles, n_local)  # (B, Hkv, S, G + 1)
-    sums = o_sw[..., :G] / o_sw[..., G:]  # (B, Hkv, S, G)
+    sums = o_sw[..., :G] / o_sw[..., G:G + 1]  # (B, Hkv, S, G)
     return out, sums.permute(0, 1, 3, 2).reshape(B, H, -1)
 
 
@@ -256,7 +261,9 @@ def _compiled(name: str, fn):
 
 
 def _one_hot_values(G: int, T: int, like: torch.Tensor) -> torch.Tensor:
-    """(1, 1, G·T + 1, G + 1): row c·T + t is one-hot at c, the last row at G."""
+    """(1, 1, G·T + 1, max(G + 1, 16)): row c·T + t is one-hot at c, the last row at G;
+    zero columns pad the width to 16, the least head dimension flex kernels take (and
+    measured faster than 4 columns on the CPU)."""
     rows = torch.arange(G * T + 1, device=like.device)
     col = torch.where(rows < G * T, rows // T, G)
-    return F.one_hot(col, G + 1).to(like.dtype)[None, None]
+    return F.one_hot(col, max(G + 1, 16)).to(like.dtype)[None, None]

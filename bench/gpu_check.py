@@ -26,23 +26,16 @@ import torch
 
 
 def layer_run(kernel: str, device: str, q, k, v, calls, config, args):
+    from infllm_lite.attention.base import attend_in_calls
     from infllm_lite.attention.infllm import InfLLMState
     from infllm_lite.models.rope import RotaryEmbedding
 
     state = InfLLMState(args, config, kernel=kernel, device=device)
     state.record = True
-    rope = RotaryEmbedding(args).to(device)
-    layer, outs, start = state.layers[0], [], 0
-    q, k, v = q.to(device), k.to(device), v.to(device)
     with torch.inference_mode():
-        for T in calls:
-            positions = state.positions(T)
-            cos, sin = rope(positions, torch.float32)
-            part = slice(start, start + T)
-            outs.append(layer.attend(q[:, :, part], k[:, :, part], v[:, :, part], positions, cos, sin, rope))
-            state.advance(T)
-            start += T
-    return torch.cat(outs, dim=2).cpu(), layer
+        out = attend_in_calls(state, q.to(device), k.to(device), v.to(device), calls,
+                              RotaryEmbedding(args).to(device))
+    return out.cpu(), state.layers[0]
 
 
 def check_layer(quick: bool) -> dict:

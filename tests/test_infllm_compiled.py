@@ -17,6 +17,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
+from infllm_lite.attention.base import attend_in_calls
 from infllm_lite.attention.infllm import InfLLMState
 from infllm_lite.config import ModelArgs
 from infllm_lite.memory_config import MemoryConfig, n_formed_blocks
@@ -31,17 +32,9 @@ CALLS = [700, 1, 1100, 617, 1, 1, 1]  # partial chunks, then decode steps
 def run(kernel: str, q, k, v, calls=CALLS):
     state = InfLLMState(ARGS, CONFIG, kernel=kernel)
     state.record = True
-    rope = RotaryEmbedding(ARGS)
-    layer, outs, start = state.layers[0], [], 0
     with torch.inference_mode():
-        for T in calls:
-            positions = state.positions(T)
-            cos, sin = rope(positions, torch.float32)
-            part = slice(start, start + T)
-            outs.append(layer.attend(q[:, :, part], k[:, :, part], v[:, :, part], positions, cos, sin, rope))
-            state.advance(T)
-            start += T
-    return torch.cat(outs, dim=2), layer
+        out = attend_in_calls(state, q, k, v, calls, RotaryEmbedding(ARGS))
+    return out, state.layers[0]
 
 
 @pytest.fixture(scope="module")

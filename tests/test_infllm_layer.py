@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
+from infllm_lite.attention.base import attend_in_calls
 from infllm_lite.config import ModelArgs
 from infllm_lite.memory_config import MemoryConfig, n_formed_blocks
 from infllm_lite.models.rope import RotaryEmbedding, apply_rope
@@ -74,20 +75,9 @@ def run_fast(q, k, v, config, calls, kernel="flex-eager") -> Run:
     args = model_args(H, Hkv, d)
     state = InfLLMState(args, config, batch_size=B, dtype=torch.float32, device="cpu", kernel=kernel)
     state.record = True
-    rope = RotaryEmbedding(args)
     layer = state.layers[0]
-    outs, start = [], 0
-    for T in calls:
-        positions = state.positions(T)
-        assert positions.tolist() == list(range(start, start + T))
-        cos, sin = rope(positions, torch.float32)
-        part = slice(start, start + T)
-        o = layer.attend(q[:, :, part].contiguous(), k[:, :, part].contiguous(), v[:, :, part].contiguous(),
-                         positions, cos, sin, rope)
-        assert o.shape == (B, H, T, d)
-        outs.append(o)
-        state.advance(T)
-        start += T
+    out = attend_in_calls(state, q, k, v, calls, RotaryEmbedding(args))
+    assert out.shape == (B, H, L, d) and state.length == L
     chunks = []
     for s, e, selected in layer.trace:
         assert selected.dtype == torch.long and tuple(selected.shape) == (B, config.topk)
@@ -100,7 +90,7 @@ def run_fast(q, k, v, config, calls, kernel="flex-eager") -> Run:
         chunks.append((int(s), int(e), rows))
     n_blocks = int(layer.n_blocks)
     block_repr = layer.block_repr[:, :n_blocks].to(torch.float64)
-    return Run(torch.cat(outs, dim=2).to(torch.float64), chunks, n_blocks, block_repr)
+    return Run(out.to(torch.float64), chunks, n_blocks, block_repr)
 
 
 def run(impl, q, k, v, config, calls) -> Run:

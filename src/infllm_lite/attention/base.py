@@ -47,3 +47,22 @@ class AttentionState:
     def advance(self, n_tokens: int) -> None:
         """Record that n_tokens more tokens went through every layer."""
         self.length += n_tokens
+
+
+def attend_in_calls(state: AttentionState, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    calls: list[int], rope: "RotaryEmbedding", layer: int = 0) -> torch.Tensor:
+    """Feed one layer's un-rotated q (B, H, L, d) and k/v (B, Hkv, L, d) through
+    ``state.layers[layer]`` in model calls of the given sizes, advancing the state as the
+    model does; returns the outputs (B, H, L, d). For tests and benchmarks of one layer."""
+    if sum(calls) != q.shape[2]:
+        raise ValueError(f"calls {calls} do not add up to the {q.shape[2]} tokens given")
+    outs, start = [], 0
+    for size in calls:
+        positions = state.positions(size)
+        cos, sin = rope(positions, torch.float32)
+        part = slice(start, start + size)
+        outs.append(state.layers[layer].attend(q[:, :, part], k[:, :, part], v[:, :, part],
+                                               positions, cos, sin, rope))
+        state.advance(size)
+        start += size
+    return torch.cat(outs, dim=2)

@@ -89,10 +89,6 @@ def _tile_lists(visible: torch.Tensor, full: torch.Tensor, always: int) -> tuple
     return (*listing(partial), *listing(full))
 
 
-def _block_mask(tiles, mask_mod, seq_lengths) -> BlockMask:
-    return BlockMask.from_kv_blocks(*tiles, BLOCK_SIZE=FLEX_BLOCK, mask_mod=mask_mod, seq_lengths=seq_lengths)
-
-
 def chunk_masks(q_pos: torch.Tensor, k_pos: torch.Tensor, n_local: int, group: int) -> ChunkMasks:
     """Tile-level visibility of the three calls from the positions alone.
 
@@ -145,12 +141,12 @@ def joint_attention_flex(q_loc: torch.Tensor, q_far: torch.Tensor, k_self: torch
     # three flex calls compiled (44 ms vs 60 ms).
     if q_loc.shape[2] == 1:
         return _compiled("joint", _joint)(*args)
-    return _joint(*args, calls=tuple(_compiled(f.__name__, f) for f in _CALLS))
+    return _joint(*args, call=_compiled("call", _sentinel_call))
 
 
 def _joint(q_loc, q_far, k_self, k_rot, k_raw, v_ext, q_pos, k_pos, sw_pos, local_tiles, far_tiles,
-           swapped_tiles, n_local: int, calls=None):
-    local_call, far_call, swapped_call = calls or _CALLS
+           swapped_tiles, n_local: int, call=None):
+    call = call or _sentinel_call
     B, H, T, d = q_loc.shape
     Hkv = k_rot.shape[1]
     G = H // Hkv
@@ -161,7 +157,7 @@ def _joint(q_loc, q_far, k_self, k_rot, k_raw, v_ext, q_pos, k_pos, sw_pos, loca
 
     # 1. local: the sentinel column of the query holds the self logit
     q1 = torch.cat([q_loc, zeros, (self_logit * root_d)[..., None]], dim=-1)
-    o_loc = local_call(q1, k_rot, v_ext, q_pos, k_pos, local_tiles, n_local)  # (B, H, T, d + 2)
+    o_loc = call(q1, k_rot, v_ext, q_pos, k_pos, local_tiles, n_local, False)  # (B, H, T, d + 2)
     real, sent = o_loc[..., d], o_loc[..., d + 1]
     has_local = real > 0  # False only on padding rows
     lse_loc = torch.where(has_local, self_logit + real.log() - sent.log(), 0.0)
@@ -169,7 +165,7 @@ def _joint(q_loc, q_far, k_self, k_rot, k_raw, v_ext, q_pos, k_pos, sw_pos, loca
 
     # 2. far: the sentinel stands for the whole local mass
     q2 = torch.cat([q_far, zeros, (lse_loc * root_d)[..., None]], dim=-1)
-    o_far = far_call(q2, k_raw, v_ext, q_pos, k_pos, far_tiles, n_local)  # (B, H, T, d + 2)
+    o_far = call(q2, k_raw, v_ext, q_pos, k_pos, far_tiles, n_local, True)  # (B, H, T, d + 2)
     w_loc = o_far[..., d + 1]  # local share of the joint mass
     out = out_loc * w_loc[..., None] + o_far[..., :d]
     lse = torch.where(has_local, lse_loc - w_loc.log(), 0.0)  # (B, H, T) joint log-sum-exp
@@ -183,12 +179,12 @@ def _joint(q_loc, q_far, k_self, k_rot, k_raw, v_ext, q_pos, k_pos, sw_pos, loca
 
     # 3. swapped: slots attend to the queries (the G heads of a KV head stacked); the
     # query's real column carries -lse so the logit is log P(i -> j); a zero key is the
-    # sentinel of logit 0
+    # sentinel of logit 0. Negated positions keep the local rule: -j - (-i) = i - j.
     n_sw = G * T
     keys = torch.cat([q_loc, (-lse * root_d)[..., None], zeros], dim=-1).reshape(B, Hkv, n_sw, d + 2)
     keys = torch.cat([keys, keys.new_zeros(B, Hkv, 1, d + 2)], dim=2)
     values = _one_hot_values(G, T, q_loc).expand(B, Hkv, -1, -1).contiguous()  # (B, Hkv, n_sw + 1, ≥ G + 1)
-    o_sw = swapped_call(k_rot, keys, values, sw_pos, k_pos, swapped_tiles, n_local)  # (B, Hkv, S, G + 1)
+    o_sw = call(k_rot, keys, values, -k_pos, -sw_pos, swapped_tiles, n_local, False)  # (B, Hkv, S, G + 1)
     sums = o_sw[..., :G] / o_sw[..., G:G + 1]  # (B, Hkv, S, G)
     return out, sums.permute(0, 1, 3, 2).reshape(B, H, -1)
 
@@ -214,47 +210,26 @@ def joint_attention_dense(q_loc: torch.Tensor, q_far: torch.Tensor, k_self: torc
     return p @ values, F.pad(sums, (0, 1))
 
 
-def _local_call(q, k, v, q_pos, k_pos, tiles, n_local: int):
-    """Local keys at their true RoPE distance, plus the sentinel."""
+def _sentinel_call(q, k, v, q_pos, k_pos, tiles, n_local: int, far: bool):
+    """flex over the visited tiles: query i sees key j iff j is the sentinel (the last
+    key), or, with d = q_pos[i] - k_pos[j], j is local (0 <= d < n_local) or, with
+    ``far``, far (d >= n_local). q/k carry the two indicator columns (scale 1/sqrt(d))."""
     T, S, sentinel = q.shape[2], k.shape[2], k.shape[2] - 1
 
     def mask_mod(b, h, qi, kv):
         dist = q_pos[qi] - k_pos[kv]
-        return (kv == sentinel) | ((dist >= 0) & (dist < n_local))
+        seen = dist >= n_local if far else (dist >= 0) & (dist < n_local)
+        return (kv == sentinel) | seen
 
-    mask = _block_mask(tiles, mask_mod, (T, S))
+    mask = BlockMask.from_kv_blocks(*tiles, BLOCK_SIZE=FLEX_BLOCK, mask_mod=mask_mod, seq_lengths=(T, S))
     return flex_attention(q, k, v, block_mask=mask, scale=1.0 / math.sqrt(q.shape[-1] - 2), enable_gqa=True)
 
 
-def _far_call(q, k, v, q_pos, k_pos, tiles, n_local: int):
-    """Far keys at the one far angle, plus the sentinel."""
-    T, S, sentinel = q.shape[2], k.shape[2], k.shape[2] - 1
-
-    def mask_mod(b, h, qi, kv):
-        return (kv == sentinel) | (q_pos[qi] - k_pos[kv] >= n_local)
-
-    mask = _block_mask(tiles, mask_mod, (T, S))
-    return flex_attention(q, k, v, block_mask=mask, scale=1.0 / math.sqrt(q.shape[-1] - 2), enable_gqa=True)
-
-
-def _swapped_call(slots, keys, values, sw_pos, k_pos, tiles, n_local: int):
-    """Slots (as queries) over the stacked queries (as keys), plus the sentinel key."""
-    S, n_keys, sentinel = slots.shape[2], keys.shape[2], keys.shape[2] - 1
-
-    def mask_mod(b, h, si, qk):
-        dist = sw_pos[qk] - k_pos[si]
-        return (qk == sentinel) | ((dist >= 0) & (dist < n_local))
-
-    mask = _block_mask(tiles, mask_mod, (S, n_keys))
-    return flex_attention(slots, keys, values, block_mask=mask, scale=1.0 / math.sqrt(slots.shape[-1] - 2))
-
-
-_CALLS = (_local_call, _far_call, _swapped_call)
 _COMPILED: dict[str, object] = {}
 
 
 def _compiled(name: str, fn):
-    """``fn`` compiled once per process (static shapes: one graph per shape)."""
+    """``fn`` compiled once per process (static shapes and flags: one graph each)."""
     if name not in _COMPILED:
         _COMPILED[name] = torch.compile(fn, dynamic=False)
     return _COMPILED[name]

@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from infllm_lite import InfLLMLiteError, generate, generate_ids
+from infllm_lite import InfLLMLiteError, MemoryConfig, generate, generate_ids
 from infllm_lite.generate import _StopStrings, encode_prompt
 from infllm_lite.sampling import sample
 
@@ -87,6 +87,31 @@ def test_top_k_and_top_p_restrict_the_choice():
     assert int(sample(logits)) == 1
 
 
+TINY_MEMORY = MemoryConfig(n_init=4, n_local=32, block_size=8, topk=2, repr_topk=2,
+                           exc_block_size=16, max_cached_blocks=2)
+
+
+def test_infllm_generation_streams_samples_and_stops(tiny):
+    """attention="infllm" with a prompt well beyond its window (blocks formed, top-k
+    retrieved) streams, samples reproducibly and stops at stop strings as full attention
+    does; the uncompiled flex calls and the plain kernel give the same text (the compiled
+    kernel is exercised on the embedded model by test_infllm_model.py)."""
+    model, tok = tiny
+    prompt = "Once upon a time there was a memory. " * 12  # ~100 tokens, window 32
+    kw = dict(attention="infllm", memory=TINY_MEMORY, attention_kernel="flex-eager", max_new_tokens=30)
+    full = generate(model, tok, prompt, **kw)
+    assert len(full) > 12
+    assert generate(model, tok, prompt, **{**kw, "attention_kernel": "torch"}) == full
+    stop = full[6:10]
+    cut = generate(model, tok, prompt, stop=stop, **kw)
+    assert cut == full[:full.index(stop)]
+    assert "".join(generate(model, tok, prompt, stop=stop, stream=True, **kw)) == cut
+    sampling = dict(temperature=1.0, top_p=0.9, seed=3)
+    a = generate(model, tok, prompt, **sampling, **kw)
+    assert a == generate(model, tok, prompt, **sampling, **kw)
+    assert "".join(generate(model, tok, prompt, stream=True, **sampling, **kw)) == a
+
+
 def test_chunked_prefill_gives_the_same_tokens(tiny):
     model, tok = tiny
     ids = tok.encode("The quick brown fox jumps over the lazy dog. " * 5)
@@ -112,6 +137,8 @@ def test_compiled_decode_gives_the_same_tokens(tiny):
     (dict(top_k=-2), "top_k must be >= 0"),
     (dict(chunk_size=0), "chunk_size must be at least 1"),
     (dict(attention="sparse"), "unknown attention mode 'sparse'"),
+    (dict(attention="infllm", attention_kernel="triton"), "unknown attention kernel 'triton'"),
+    (dict(attention="infllm", compile=True), "compile=True applies to attention='full' only"),
     (dict(prompt=[{"role": "user"}]), "content"),
 ])
 def test_bad_arguments_raise_clear_errors(tiny, kwargs, message):

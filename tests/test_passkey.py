@@ -101,3 +101,13 @@ def test_demo_on_a_short_haystack(capsys, tokenizer):
     key = make_passkey_sample(tokenizer, 1500, 0.5, seed=0).key
     assert "native window 8192" in out and "streaming memory:" in out
     assert f"true key: {key}  ->  " in out and "answer:" in out and "prefill" in out
+
+
+def test_demo_with_infllm_compiles_before_the_timed_reading(capsys, tokenizer):
+    code = main(["demo", "--length", "1500", "--no-full"])  # infllm is the demo's default
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    key = make_passkey_sample(tokenizer, 1500, 0.5, seed=0).key
+    assert out.index("[infllm] compiling the attention") < out.index("[infllm] reading 1")
+    assert "infllm memory: 128 initial + 512 local tokens" in out
+    assert f"true key: {key}  ->  " in out

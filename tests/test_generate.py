@@ -138,6 +138,7 @@ def test_compiled_decode_gives_the_same_tokens(tiny):
     (dict(chunk_size=0), "chunk_size must be at least 1"),
     (dict(attention="sparse"), "unknown attention mode 'sparse'"),
     (dict(attention="infllm", attention_kernel="triton"), "unknown attention kernel 'triton'"),
+    (dict(attention_kernel="triton"), "unknown attention kernel 'triton'"),  # whatever the mode
     (dict(attention="infllm", compile=True), "compile=True applies to attention='full' only"),
     (dict(prompt=[{"role": "user"}]), "content"),
 ])

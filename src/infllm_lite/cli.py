@@ -15,8 +15,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 # The long-context demo (``infllm-lite demo``).
 DEMO_LENGTH = 32768  # prompt tokens by default
 DEMO_LENGTH_NOTE = ("4x the embedded model's native window; InfLLM (compiled FlexAttention, "
-                    "default memory) reads it at about 224 tokens/s, about 2.5 min, on our 2-core "
-                    "CPU machines, after compiling its attention once (cached on disk).")
+                    "default memory) read it at 168-224 tokens/s in two runs, 2.5-3.5 min, on our "
+                    "2-core CPU machines, after compiling its attention once (cached on disk).")
 FULL_BUDGET_S = 300  # full attention is skipped when estimated to take longer
 FULL_PROBE = 2048  # tokens of the full-attention prefill timed for that estimate
 FULL_CHUNK = 2048  # full attention's prefill call size (bounds its attention-mask memory)

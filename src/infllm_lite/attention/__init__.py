@@ -23,11 +23,10 @@ def make_attention_state(mode: str, args: ModelArgs, *, capacity: int,
     and follow ``memory`` (default: ``MemoryConfig.for_model(args)``); ``kernel`` chooses
     how ``infllm`` computes its attention (``flex``, ``flex-eager``, ``torch``).
     """
+    from .infllm import check_kernel
+    check_kernel(kernel)  # for every mode: a bad option is refused whatever it would apply to
     if mode == "full":
         return FullAttentionState(args, capacity, batch_size=batch_size, dtype=dtype, device=device)
-    from .infllm import KERNELS
-    if kernel not in KERNELS:
-        raise InfLLMLiteError(f"unknown attention kernel {kernel!r}; available: {', '.join(KERNELS)}")
     if mode not in ATTENTION_MODES:
         raise InfLLMLiteError(
             f"unknown attention mode {mode!r}; available: {', '.join(ATTENTION_MODES)}")

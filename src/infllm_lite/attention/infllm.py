@@ -51,6 +51,12 @@ from .flex_joint import (EMPTY, FAR, PAD_QUERY, ChunkMasks, chunk_masks, joint_a
 KERNELS = ("flex", "flex-eager", "torch")
 
 
+def check_kernel(kernel: str) -> None:
+    """Refuse an unknown attention kernel with the list of known ones."""
+    if kernel not in KERNELS:
+        raise InfLLMLiteError(f"unknown attention kernel {kernel!r}; available: {', '.join(KERNELS)}")
+
+
 @dataclass
 class ChunkGeometry:
     """What every layer shares for one execution chunk."""
@@ -93,7 +99,7 @@ class InfLLMLayerAttention(LayerAttention):
     # ------------------------------------------------------------------ one execution chunk
     def _chunk(self, q, k, v, s: int, e: int, rope: RotaryEmbedding) -> torch.Tensor:
         """q: (B, H, T, d), k/v: (B, Hkv, T, d) for positions [s, e). Returns (B, H, T, d)."""
-        state, T, d = self.state, e - s, self.head_dim
+        state, T = self.state, e - s
         n_selected = min(self.n_blocks, self.cfg.topk)
         geo = state.geometry(s, e, self.tail_start, n_selected, rope)
         pad = geo.padded - T
@@ -212,8 +218,7 @@ class InfLLMState(AttentionState):
     def __init__(self, args: ModelArgs, config: MemoryConfig, *, batch_size: int = 1,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
                  kernel: str = "flex"):
-        if kernel not in KERNELS:
-            raise InfLLMLiteError(f"unknown InfLLM kernel {kernel!r}; available: {', '.join(KERNELS)}")
+        check_kernel(kernel)
         self.config, self.batch_size, self.dtype = config, batch_size, dtype
         self.device = torch.device(device)
         self.kernel = kernel

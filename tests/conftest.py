@@ -3,6 +3,13 @@ with the same tokenizer (fast generation tests)."""
 
 from __future__ import annotations
 
+import os
+
+# CPU machines run the Triton kernels in triton's interpreter. A GPU run sets
+# TRITON_INTERPRET=0 explicitly (else compiled code, inductor's Triton kernels included,
+# would be interpreted too). Set before any import; infllm_lite.kernels reads it at launch.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import json
 import shutil
 from pathlib import Path

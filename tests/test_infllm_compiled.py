@@ -67,9 +67,10 @@ def test_a_whole_generation_compiles_once(qkv):
     assert counters["stats"]["unique_graphs"] == before
 
 
-def test_no_host_synchronisation_in_the_infllm_path():
-    """No .item(), .tolist(), .cpu() or .numpy() in the per-chunk code (SPEC §9): counts are
-    host integers derived from positions; selections stay on the device."""
+def test_no_host_synchronisation_in_the_attention_code():
+    """No .item(), .tolist(), .cpu() or .numpy() in the per-chunk attention code (SPEC §9):
+    counts are host integers derived from positions; selections stay on the device. The one
+    host read left is the block pool's page table (memory/pool.py ``ensure_resident``)."""
     src = Path(__file__).resolve().parents[1] / "src" / "infllm_lite" / "attention"
     for name in ("infllm.py", "flex_joint.py"):
         code = (src / name).read_text()

@@ -11,9 +11,10 @@ from .generate import generate, generate_ids
 from .loading import load_model
 from .memory_config import MemoryConfig, memory_estimate
 from .models.transformer import Transformer
+from .stats import GenerationStats
 from .tokenizer import Tokenizer
 
 __version__ = "0.1.0"
 
-__all__ = ["InfLLMLiteError", "MemoryConfig", "ModelArgs", "memory_estimate", "Tokenizer", "Transformer", "generate", "generate_ids",
+__all__ = ["GenerationStats", "InfLLMLiteError", "MemoryConfig", "ModelArgs", "memory_estimate", "Tokenizer", "Transformer", "generate", "generate_ids",
            "load_model", "__version__"]

@@ -3,6 +3,7 @@ stop strings, as one string or as a stream of text pieces."""
 
 from __future__ import annotations
 
+import time
 from typing import Iterator, Sequence
 
 import torch
@@ -13,6 +14,7 @@ from .errors import InfLLMLiteError
 from .memory_config import MemoryConfig
 from .models.transformer import Transformer
 from .sampling import check_sampling, sample
+from .stats import GenerationStats
 from .tokenizer import Tokenizer
 
 
@@ -34,14 +36,15 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[int], *, max_new_token
                  top_k: int = 0, seed: int | None = None, stop_token_ids: set[int] = frozenset(),
                  memory: MemoryConfig | None = None, chunk_size: int | None = None,
                  compile: bool = False, progress: bool = False,
-                 attention_kernel: str = "flex") -> Iterator[int]:
+                 attention_kernel: str = "flex", stats: GenerationStats | None = None) -> Iterator[int]:
     """An iterator of new token ids, one at a time (stop tokens are not yielded).
 
     Arguments are checked here, before any work, not at the first ``next()``.
     ``memory`` configures the ``streaming`` and ``infllm`` modes (default: one suited to the
     model, ``MemoryConfig.for_model``); ``chunk_size`` defaults to ``memory.chunk_size``.
     ``attention_kernel`` computes ``infllm``: ``flex`` (compiled FlexAttention, the default),
-    ``flex-eager`` or ``torch`` (plain, every logit materialised: for debugging).
+    ``flex-eager`` or ``torch`` (plain, every logit materialised: for debugging). A given
+    ``stats`` (:class:`GenerationStats`) is filled in as the generation runs.
     """
     if not prompt_ids:
         raise InfLLMLiteError("the prompt is empty")
@@ -66,11 +69,33 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[int], *, max_new_token
     ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=param.device)  # (1, P)
     return _prefill_and_decode(model, state, ids, max_new_tokens, stop_token_ids, chunk_size,
                                compile, progress, dict(temperature=temperature, top_p=top_p,
-                                                       top_k=top_k, generator=generator))
+                                                       top_k=top_k, generator=generator),
+                               stats if stats is not None else GenerationStats())
 
 
 def _prefill_and_decode(model, state, ids, max_new_tokens, stop_token_ids, chunk_size, compile,
-                        progress, sampling) -> Iterator[int]:
+                        progress, sampling, stats: GenerationStats) -> Iterator[int]:
+    try:
+        yield from _run(model, state, ids, max_new_tokens, stop_token_ids, chunk_size, compile,
+                        progress, sampling, stats)
+    finally:  # also when the caller stops early: the memory's counters, then its files
+        if hasattr(state, "stats"):
+            stats.memory = state.stats()
+        if hasattr(state, "close"):
+            state.close()
+
+
+def _clock(device: torch.device) -> float:
+    """Seconds, after the device's queued work (so phases are timed, not launches)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def _run(model, state, ids, max_new_tokens, stop_token_ids, chunk_size, compile, progress, sampling,
+         stats: GenerationStats) -> Iterator[int]:
+    stats.prompt_tokens = ids.shape[1]
+    t0 = _clock(ids.device)
     with torch.inference_mode():
         # The prompt minus its last token in calls of chunk_size, then the last token alone
         # (SPEC §8): with a memory, the query that predicts the first new token retrieves
@@ -84,6 +109,7 @@ def _prefill_and_decode(model, state, ids, max_new_tokens, stop_token_ids, chunk
         logits = model(ids[:, -1:], state)  # (1, 1, vocab)
         bar.update(1)
         bar.close()
+        stats.prefill_seconds = _clock(ids.device) - t0
 
         step = model.step
         if compile:
@@ -94,11 +120,14 @@ def _prefill_and_decode(model, state, ids, max_new_tokens, stop_token_ids, chunk
             token_id = int(token)
             if token_id in stop_token_ids:
                 return
+            stats.new_tokens += 1
             yield token_id
             if i + 1 == max_new_tokens:
                 return
+            t1 = _clock(ids.device)
             logits = step(token[:, None], state.positions(1), state)  # (1, 1, vocab)
             state.advance(1)
+            stats.decode_seconds += _clock(ids.device) - t1
 
 
 class _StopStrings:
@@ -147,23 +176,27 @@ def generate(model: Transformer, tokenizer: Tokenizer, prompt: str | Sequence[di
              top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
              stop: str | Sequence[str] | None = None, stream: bool = False,
              memory: MemoryConfig | None = None, chunk_size: int | None = None,
-             compile: bool = False, progress: bool = False, attention_kernel: str = "flex"):
+             compile: bool = False, progress: bool = False, attention_kernel: str = "flex",
+             return_stats: bool = False):
     """Continue ``prompt`` (a string, or chat messages rendered with the chat template).
 
     Returns the generated text, or with ``stream=True`` an iterator of text pieces whose
     concatenation is that text. Stops at ``max_new_tokens``, at an end-of-sequence or
     end-of-turn token, or before the first of the ``stop`` strings. ``attention`` is
     ``full``, ``streaming`` or ``infllm``; ``memory`` (a ``MemoryConfig``) configures the
-    last two; ``attention_kernel`` is as in :func:`generate_ids`.
+    last two; ``attention_kernel`` is as in :func:`generate_ids`. With ``return_stats=True``
+    the result is a pair ``(text or iterator, GenerationStats)``; when streaming, the stats
+    are complete once the iterator is exhausted.
     """
     prompt_ids = encode_prompt(tokenizer, prompt)
+    stats = GenerationStats()
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     stop_ids = set(tokenizer.stop_token_ids) | set(model.args.eos_token_ids)
     token_ids = generate_ids(model, prompt_ids, max_new_tokens=max_new_tokens, attention=attention,
                              temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                              stop_token_ids=stop_ids, memory=memory, chunk_size=chunk_size,
-                             compile=compile, progress=progress, attention_kernel=attention_kernel)
+                             compile=compile, progress=progress, attention_kernel=attention_kernel,
+                             stats=stats)
     pieces = _stream_text(tokenizer, token_ids, stops)
-    if stream:
-        return pieces
-    return "".join(pieces)
+    result = pieces if stream else "".join(pieces)
+    return (result, stats) if return_stats else result

@@ -51,101 +51,137 @@ _BIG = 1 << 50
 
 @dataclass
 class ChunkMasks:
-    """Positions and tile-level visibility of one execution chunk (shared by all layers):
-    for each call, the number of visible key tiles per query tile and their indices."""
+    """Positions and tile-level visibility of one execution chunk, shared by all layers:
+    for each call, the number of visible key tiles per query tile and their indices. The
+    block-pool slots hold position ``EMPTY`` in ``k_pos``: which of them a layer's far call
+    sees comes per layer (:func:`far_tiles`)."""
 
     q_pos: torch.Tensor  # (T,) query positions, PAD_QUERY on padding rows
     k_pos: torch.Tensor  # (S,) slot positions; the last slot is the sentinel
     sw_pos: torch.Tensor  # (G·T + 1,) the swapped call's keys: the queries G times, sentinel
+    local_end: int  # slots [0, local_end) are the only ones that can be local
+    q_tiles: tuple[torch.Tensor, ...]  # per query tile: min, max valid position, any invalid
     local: tuple[torch.Tensor, ...]  # (partial counts (1, 1, Qt), indices (1, 1, Qt, Kt), full …)
-    far: tuple[torch.Tensor, ...]
-    swapped: tuple[torch.Tensor, ...]  # slots as queries: (1, 1, Kt, ·)
+    swapped: tuple[torch.Tensor, ...]  # slots [0, local_end) as queries: (1, 1, Lt, ·)
 
 
 def _tile_range(pos: torch.Tensor, invalid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per FLEX_BLOCK tile of ``pos`` (L,): min and max valid position, and whether the
-    tile holds any invalid entry (or runs past the end)."""
-    pad = (-pos.shape[0]) % FLEX_BLOCK
-    pos = F.pad(pos, (0, pad)).view(-1, FLEX_BLOCK)
-    invalid = F.pad(invalid, (0, pad), value=True).view(-1, FLEX_BLOCK)
-    lo = torch.where(invalid, _BIG, pos).amin(dim=1)
-    hi = torch.where(invalid, -_BIG, pos).amax(dim=1)
-    return lo, hi, invalid.any(dim=1)
+    """Per FLEX_BLOCK tile of ``pos`` (..., L): min and max valid position, and whether the
+    tile holds any invalid entry (or runs past the end); each (..., ceil(L / FLEX_BLOCK))."""
+    pad = (-pos.shape[-1]) % FLEX_BLOCK
+    pos = F.pad(pos, (0, pad)).unflatten(-1, (-1, FLEX_BLOCK))
+    invalid = F.pad(invalid, (0, pad), value=True).unflatten(-1, (-1, FLEX_BLOCK))
+    lo = torch.where(invalid, _BIG, pos).amin(dim=-1)
+    hi = torch.where(invalid, -_BIG, pos).amax(dim=-1)
+    return lo, hi, invalid.any(dim=-1)
 
 
 def _tile_lists(visible: torch.Tensor, full: torch.Tensor, always: int) -> tuple[torch.Tensor, ...]:
-    """(Qt, Kt) tile visibility -> BlockMask's counts (1, 1, Qt) and indices
-    (1, 1, Qt, Kt), first of the partial tiles (``mask_mod`` decides each pair, the tile
+    """(Bm, Qt, Kt) tile visibility -> BlockMask's counts (Bm, 1, Qt) and indices
+    (Bm, 1, Qt, Kt), first of the partial tiles (``mask_mod`` decides each pair, the tile
     ``always`` among them), then of the full tiles (every pair visible)."""
     full = full & visible
-    full[:, always] = False
+    full[..., always] = False
     partial = visible & ~full
-    partial[:, always] = True
+    partial[..., always] = True
 
     def listing(tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        order = torch.argsort((~tiles).to(torch.int8), dim=1, stable=True)  # listed tiles first
-        return tiles.sum(dim=1, dtype=torch.int32)[None, None], order.to(torch.int32)[None, None]
+        order = torch.argsort((~tiles).to(torch.int8), dim=-1, stable=True)  # listed tiles first
+        return tiles.sum(dim=-1, dtype=torch.int32)[:, None], order.to(torch.int32)[:, None]
 
     return (*listing(partial), *listing(full))
 
 
-def chunk_masks(q_pos: torch.Tensor, k_pos: torch.Tensor, n_local: int, group: int) -> ChunkMasks:
-    """Tile-level visibility of the three calls from the positions alone.
+def _slot_ranges(k_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tile ranges of slot positions (..., S), the sentinel (last slot) and EMPTY invalid."""
+    S = k_pos.shape[-1]
+    slot = torch.arange(S, device=k_pos.device)
+    return _tile_range(k_pos, (k_pos == EMPTY) | (slot == S - 1))
+
+
+def _far_lists(q_tiles, k_tiles, n_local: int, sentinel_tile: int) -> tuple[torch.Tensor, ...]:
+    """Far visibility (``i - j >= n_local``) of query tiles (Qt,) against key tiles (Bm, Kt)."""
+    q_lo, q_hi, q_bad = (t[None, :, None] for t in q_tiles)
+    k_lo, k_hi, k_bad = (t[:, None, :] for t in k_tiles)
+    far = q_hi - k_lo >= n_local
+    far_full = ~q_bad & ~k_bad & (q_lo - k_hi >= n_local)
+    return _tile_lists(far, far_full, sentinel_tile)
+
+
+def chunk_masks(q_pos: torch.Tensor, k_pos: torch.Tensor, n_local: int, group: int,
+                local_end: int | None = None) -> ChunkMasks:
+    """Tile-level visibility of the local and swapped calls from the positions alone (the
+    far call's depends on each layer's selection: :func:`far_tiles`).
 
     q_pos: (T,) query positions (``PAD_QUERY`` on padding rows); k_pos: (S,) slot
-    positions, the last slot being the sentinel. A tile pair is visited when some pair of
-    positions in it may be visible, and marked full when all are (then ``mask_mod`` is
-    skipped there); nothing finer than tiles is materialised.
+    positions, the last slot being the sentinel; slots from ``local_end`` on (default: all
+    but the sentinel) are never local. A tile pair is visited when some pair of positions
+    in it may be visible, and marked full when all are (then ``mask_mod`` is skipped
+    there); nothing finer than tiles is materialised.
     """
     S = k_pos.shape[0]
-    q_lo, q_hi, q_bad = _tile_range(q_pos, q_pos == PAD_QUERY)
-    slot = torch.arange(S, device=k_pos.device)
-    k_lo, k_hi, k_bad = _tile_range(k_pos, (k_pos == EMPTY) | (slot == S - 1))
+    local_end = S - 1 if local_end is None else local_end
+    q_tiles = _tile_range(q_pos, q_pos == PAD_QUERY)
+    q_lo, q_hi, q_bad = q_tiles
+    k_tiles = _slot_ranges(k_pos)
+    k_lo, k_hi, k_bad = k_tiles
     clean = ~q_bad[:, None] & ~k_bad[None, :]
     # local: i - j in [0, n_local) for some pair <=> the distance range [q_lo - k_hi,
     # q_hi - k_lo] meets [0, n_local); for all pairs <=> it lies inside
     local = (q_hi[:, None] - k_lo[None, :] >= 0) & (q_lo[:, None] - k_hi[None, :] < n_local)
     local_full = clean & (q_lo[:, None] - k_hi[None, :] >= 0) & (q_hi[:, None] - k_lo[None, :] < n_local)
-    far = q_hi[:, None] - k_lo[None, :] >= n_local
-    far_full = clean & (q_lo[:, None] - k_hi[None, :] >= n_local)
+    sentinel_tile = (S - 1) // FLEX_BLOCK
+    # swapped: the slots [0, local_end) attend to the queries (stacked G times) + a sentinel
     sw_pos = torch.cat([q_pos.repeat(group), q_pos.new_full((1,), PAD_QUERY)])
     s_lo, s_hi, s_bad = _tile_range(sw_pos, sw_pos == PAD_QUERY)
-    swapped = (s_hi[None, :] - k_lo[:, None] >= 0) & (s_lo[None, :] - k_hi[:, None] < n_local)
-    swapped_full = (~k_bad[:, None] & ~s_bad[None, :] & (s_lo[None, :] - k_hi[:, None] >= 0)
-                    & (s_hi[None, :] - k_lo[:, None] < n_local))
-    sentinel_tile = (S - 1) // FLEX_BLOCK
-    return ChunkMasks(q_pos, k_pos, sw_pos, _tile_lists(local, local_full, sentinel_tile),
-                      _tile_lists(far, far_full, sentinel_tile),
-                      _tile_lists(swapped, swapped_full, (sw_pos.shape[0] - 1) // FLEX_BLOCK))
+    l_lo, l_hi, l_bad = _tile_range(k_pos[:local_end], k_pos[:local_end] == EMPTY)
+    swapped = (s_hi[None, :] - l_lo[:, None] >= 0) & (s_lo[None, :] - l_hi[:, None] < n_local)
+    swapped_full = (~l_bad[:, None] & ~s_bad[None, :] & (s_lo[None, :] - l_hi[:, None] >= 0)
+                    & (s_hi[None, :] - l_lo[:, None] < n_local))
+    return ChunkMasks(q_pos, k_pos, sw_pos, local_end, q_tiles,
+                      _tile_lists(local[None], local_full[None], sentinel_tile),
+                      _tile_lists(swapped[None], swapped_full[None], (sw_pos.shape[0] - 1) // FLEX_BLOCK))
+
+
+def far_tiles(masks: ChunkMasks, far_pos: torch.Tensor, n_local: int) -> tuple[torch.Tensor, ...]:
+    """The far call's tile lists (B, 1, Qt, ·) for one layer, whose slot positions
+    ``far_pos`` (B, S) mark the pool slots of each sequence's selected blocks ``FAR``."""
+    sentinel_tile = (far_pos.shape[-1] - 1) // FLEX_BLOCK
+    return _far_lists(masks.q_tiles, _slot_ranges(far_pos), n_local, sentinel_tile)
 
 
 def joint_attention_flex(q_loc: torch.Tensor, q_far: torch.Tensor, k_self: torch.Tensor,
                          k_rot: torch.Tensor, k_raw: torch.Tensor, v_ext: torch.Tensor,
-                         masks: ChunkMasks, n_local: int,
-                         compiled: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                         masks: ChunkMasks, far_pos: torch.Tensor, far_lists: tuple[torch.Tensor, ...],
+                         n_local: int, compiled: bool = True, scores=None
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Joint local+far attention of one execution chunk (see the module docstring).
 
     q_loc/q_far: (B, H, T, d) float32, rotated at the queries' positions / at n_local - 1;
     k_self: (B, Hkv, T, d) the queries' own keys, rotated; k_rot/k_raw/v_ext:
-    (B, Hkv, S, d + 2) slots with the columns (…, real, sentinel). Returns the output
-    (B, H, T, d) and the per-slot sums over the queries of the jointly normalised local
-    probabilities (B, H, S). ``compiled=False`` runs the same code eagerly (flex then
-    materialises its scores: slow, for tests and debugging).
+    (B, Hkv, S, d + 2) slots with the columns (…, real, sentinel); far_pos (B, S) and
+    far_lists: the far call's slot positions and tiles (:func:`far_tiles`). Returns the
+    output (B, H, T, d), the per-slot sums over the queries of the jointly normalised
+    local probabilities (B, H, local_end) and the joint log-sum-exp (B, H, T).
+    ``compiled=False`` runs the same code eagerly (flex then materialises its scores: slow,
+    for tests and debugging). ``scores``: a function computing the sums from (q_loc,
+    k_rot[:, :, :local_end, :d], q_pos, k_pos[:local_end], lse, n_local) instead of the
+    swapped flex call (the Triton kernel on CUDA).
     """
     args = (q_loc, q_far, k_self, k_rot, k_raw, v_ext, masks.q_pos, masks.k_pos, masks.sw_pos,
-            masks.local, masks.far, masks.swapped, n_local)
+            far_pos, masks.local, far_lists, masks.swapped, n_local, masks.local_end)
     if not compiled:
-        return _joint(*args)
+        return _joint(*args, scores=scores)
     # Measured on the CPU (embedded model's sizes): a decode step is fastest compiled as one
     # graph (0.6 ms vs 1.7 ms a layer, the small ops fused), a 512-query chunk with only the
     # three flex calls compiled (44 ms vs 60 ms).
     if q_loc.shape[2] == 1:
         return _compiled("joint", _joint)(*args)
-    return _joint(*args, call=_compiled("call", _sentinel_call))
+    return _joint(*args, call=_compiled("call", _sentinel_call), scores=scores)
 
 
-def _joint(q_loc, q_far, k_self, k_rot, k_raw, v_ext, q_pos, k_pos, sw_pos, local_tiles, far_tiles,
-           swapped_tiles, n_local: int, call=None):
+def _joint(q_loc, q_far, k_self, k_rot, k_raw, v_ext, q_pos, k_pos, sw_pos, far_pos, local_tiles,
+           far_lists, swapped_tiles, n_local: int, local_end: int, call=None, scores=None):
     call = call or _sentinel_call
     B, H, T, d = q_loc.shape
     Hkv = k_rot.shape[1]
@@ -165,17 +201,20 @@ def _joint(q_loc, q_far, k_self, k_rot, k_raw, v_ext, q_pos, k_pos, sw_pos, loca
 
     # 2. far: the sentinel stands for the whole local mass
     q2 = torch.cat([q_far, zeros, (lse_loc * root_d)[..., None]], dim=-1)
-    o_far = call(q2, k_raw, v_ext, q_pos, k_pos, far_tiles, n_local, True)  # (B, H, T, d + 2)
+    o_far = call(q2, k_raw, v_ext, q_pos, far_pos, far_lists, n_local, True)  # (B, H, T, d + 2)
     w_loc = o_far[..., d + 1]  # local share of the joint mass
     out = out_loc * w_loc[..., None] + o_far[..., :d]
     lse = torch.where(has_local, lse_loc - w_loc.log(), 0.0)  # (B, H, T) joint log-sum-exp
 
+    k_local, pos_local = k_rot[:, :, :local_end], k_pos[:local_end]
     if T == 1:  # one query: its local probabilities are the sums, read off directly
-        logits = q_loc.view(B, Hkv, G, d) @ k_rot[..., :d].transpose(-1, -2) / root_d  # (B, Hkv, G, S)
-        dist = q_pos - k_pos  # (S,)
+        logits = q_loc.view(B, Hkv, G, d) @ k_local[..., :d].transpose(-1, -2) / root_d  # (B, Hkv, G, L)
+        dist = q_pos - pos_local  # (L,)
         is_local = (dist >= 0) & (dist < n_local)
         p = torch.where(is_local, (logits - lse.view(B, Hkv, G, 1)).exp(), 0.0)
-        return out, p.reshape(B, H, -1)
+        return out, p.reshape(B, H, -1), lse
+    if scores is not None:
+        return out, scores(q_loc, k_local[..., :d], q_pos, pos_local, lse, n_local), lse
 
     # 3. swapped: slots attend to the queries (the G heads of a KV head stacked); the
     # query's real column carries -lse so the logit is log P(i -> j); a zero key is the
@@ -184,14 +223,15 @@ def _joint(q_loc, q_far, k_self, k_rot, k_raw, v_ext, q_pos, k_pos, sw_pos, loca
     keys = torch.cat([q_loc, (-lse * root_d)[..., None], zeros], dim=-1).reshape(B, Hkv, n_sw, d + 2)
     keys = torch.cat([keys, keys.new_zeros(B, Hkv, 1, d + 2)], dim=2)
     values = _one_hot_values(G, T, q_loc).expand(B, Hkv, -1, -1).contiguous()  # (B, Hkv, n_sw + 1, ≥ G + 1)
-    o_sw = call(k_rot, keys, values, -k_pos, -sw_pos, swapped_tiles, n_local, False)  # (B, Hkv, S, G + 1)
-    sums = o_sw[..., :G] / o_sw[..., G:G + 1]  # (B, Hkv, S, G)
-    return out, sums.permute(0, 1, 3, 2).reshape(B, H, -1)
+    o_sw = call(k_local, keys, values, -pos_local, -sw_pos, swapped_tiles, n_local, False)  # (B, Hkv, L, G + 1)
+    sums = o_sw[..., :G] / o_sw[..., G:G + 1]  # (B, Hkv, L, G)
+    return out, sums.permute(0, 1, 3, 2).reshape(B, H, -1), lse
 
 
 def joint_attention_dense(q_loc: torch.Tensor, q_far: torch.Tensor, k_self: torch.Tensor,
                           k_rot: torch.Tensor, k_raw: torch.Tensor, v_ext: torch.Tensor,
-                          masks: ChunkMasks, n_local: int) -> tuple[torch.Tensor, torch.Tensor]:
+                          masks: ChunkMasks, far_pos: torch.Tensor, far_lists, n_local: int
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The same as :func:`joint_attention_flex` with every logit materialised: the plain
     torch path, for debugging (no compile, (B, H, T, S) scores)."""
     B, H, T, d = q_loc.shape
@@ -201,23 +241,26 @@ def joint_attention_dense(q_loc: torch.Tensor, q_far: torch.Tensor, k_self: torc
     values = v_ext[:, :, :-1, :d].repeat_interleave(G, dim=1)
     dist = masks.q_pos[:, None] - masks.k_pos[None, :-1]  # (T, S-1)
     local = (dist >= 0) & (dist < n_local)
-    far = dist >= n_local
+    far = (masks.q_pos[:, None] - far_pos[:, None, :-1] >= n_local)[:, None]  # (B, 1, T, S-1)
     scale = 1.0 / math.sqrt(d)
     logits = torch.where(local, q_loc @ keys_loc.transpose(-1, -2) * scale,
                          torch.where(far, q_far @ keys_far.transpose(-1, -2) * scale, float("-inf")))
+    lse = torch.logsumexp(logits, dim=-1)  # (B, H, T), -inf on padding rows
     p = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # padding rows see nothing
-    sums = (p * local).sum(dim=2)  # (B, H, S-1)
-    return p @ values, F.pad(sums, (0, 1))
+    sums = (p * local).sum(dim=2)[..., :masks.local_end]  # (B, H, local_end)
+    return p @ values, sums, torch.where(lse.isfinite(), lse, 0.0)
 
 
 def _sentinel_call(q, k, v, q_pos, k_pos, tiles, n_local: int, far: bool):
     """flex over the visited tiles: query i sees key j iff j is the sentinel (the last
     key), or, with d = q_pos[i] - k_pos[j], j is local (0 <= d < n_local) or, with
-    ``far``, far (d >= n_local). q/k carry the two indicator columns (scale 1/sqrt(d))."""
+    ``far``, far (d >= n_local). q/k carry the two indicator columns (scale 1/sqrt(d)).
+    ``k_pos`` is (S,) or, per sequence, (B, S)."""
     T, S, sentinel = q.shape[2], k.shape[2], k.shape[2] - 1
+    per_sequence = k_pos.dim() == 2
 
     def mask_mod(b, h, qi, kv):
-        dist = q_pos[qi] - k_pos[kv]
+        dist = q_pos[qi] - (k_pos[b, kv] if per_sequence else k_pos[kv])
         seen = dist >= n_local if far else (dist >= 0) & (dist < n_local)
         return (kv == sentinel) | seen
 

@@ -2,31 +2,38 @@
 through representative vectors, pending remainder; one softmax over local and far keys.
 
 Per layer, the keys an execution chunk may see live in one **slot array** of static
-length ``S = n_init + topk·block + (n_local + block + exc_block_size) + 1``:
+length ``S``:
 
 * slots ``[0, n_init)``: the initial tokens;
-* the next ``topk·block`` slots: the blocks selected for the current chunk, copied in;
-* the tail: every later token not yet in a block (pending remainder + local window + the
-  current chunk), from absolute position ``tail_start`` on, with ``tail_scores``
-  (B, H, ·) float32, the representative scores they collect while local;
+* the tail ``[n_init, local_end)``: every later token not yet in a block (pending
+  remainder + local window + the current chunk), from absolute position ``tail_start``
+  on, with ``tail_scores`` (B, H, ·) float32, the representative scores they collect
+  while local;
+* the **block-pool slots** ``[pool_slot, pool_slot + n_pool·block)`` (``pool_slot`` rounded
+  up to a FlexAttention tile): the fast tier of the layer's :class:`~infllm_lite.memory.BlockPool`,
+  which loads the selected blocks there and keeps them cached (``lru`` / ``lru-s``);
 * the last slot: the sentinel of :mod:`.flex_joint`.
 
 Each slot holds its key twice, rotated at its own position (``k_rot``) and un-rotated
 (``k_raw``), and its value (``v``), all with the two indicator columns (real, sentinel).
-Every slot's absolute position is one shared (S,) tensor per chunk, so the geometry and
-the tile masks are built once per chunk for all layers. Formed blocks (``block_k/v``
-(B, Hkv, N, block, d), ``block_repr`` (B, N, H·d)) live outside the slots.
+The slots' absolute positions are one (S,) tensor per chunk, shared by all layers (pool
+slots ``EMPTY``: never local), so the local and swapped tile masks are built once per
+chunk; each layer then marks the pool slots of its selected blocks ``FAR`` (per sequence,
+(B, S)) and lists the far call's tiles from that: the BlockMask's kv indices point at
+the slots where the blocks already are, nothing is gathered. Formed blocks go to the pool
+(its host tier is the authoritative copy, with a disk tier beyond ``max_host_bytes``);
+their representative vectors ``block_repr`` (B, N, H·d) stay here.
 
 A model call is cut into execution chunks of ``exc_block_size`` queries. For a chunk the
 layer (1) stores the chunk's keys, (2) selects the blocks (all if few, else top-k of
-``q̄ · repr``) and copies them into their slots, (3) attends through
+``q̄ · repr``) and makes them resident in the pool, (3) attends through
 :func:`.flex_joint.joint_attention_flex` (local keys at their true RoPE positions, far
 keys with the query at ``n_local - 1``, one softmax), (4) adds the local probabilities to
 the tail's scores, (5) forms every block that left the window, vectorised over blocks.
 Chunks are padded to ``exc_block_size`` queries (a single-token decode step stays one
-query), so compiled attention sees two shapes in a whole generation. Every count used for
-slicing is a host-side integer derived from positions, so nothing waits for the device;
-selections stay on the device.
+query), so compiled attention sees two shapes in a whole generation. Counts used for
+slicing are host-side integers derived from positions; the selection is read on the host
+only by the pool's page table (one read per chunk and layer, free on the CPU).
 
 Backends (``InfLLMState(kernel=...)``): ``"flex"`` compiled FlexAttention (the default),
 ``"flex-eager"`` the same calls uncompiled, ``"torch"`` every logit materialised (for
@@ -42,11 +49,12 @@ import torch.nn.functional as F
 
 from ..config import ModelArgs
 from ..errors import InfLLMLiteError
+from ..memory import BlockPool, PoolStats
 from ..memory_config import MemoryConfig, n_formed_blocks
 from ..models.rope import RotaryEmbedding, apply_rope
 from .base import AttentionState, LayerAttention
-from .flex_joint import (EMPTY, FAR, PAD_QUERY, ChunkMasks, chunk_masks, joint_attention_dense,
-                         joint_attention_flex)
+from .flex_joint import (EMPTY, FAR, FLEX_BLOCK, PAD_QUERY, ChunkMasks, chunk_masks, far_tiles,
+                         joint_attention_dense, joint_attention_flex)
 
 KERNELS = ("flex", "flex-eager", "torch")
 
@@ -65,6 +73,8 @@ class ChunkGeometry:
     cos: torch.Tensor  # (padded, d) rotation of the query rows (position 0 on padding)
     sin: torch.Tensor
     masks: ChunkMasks
+    far_pos: torch.Tensor  # (B, S) slot positions of the far call when no block is selected
+    far_lists: tuple[torch.Tensor, ...]  # its tiles
 
 
 class InfLLMLayerAttention(LayerAttention):
@@ -82,9 +92,14 @@ class InfLLMLayerAttention(LayerAttention):
         self.tail_scores = torch.zeros(B, args.n_heads, state.tail_capacity, device=state.device)
         self.tail_start = cfg.n_init  # absolute position of the first tail slot
         self.n_blocks = 0
-        self.block_k = torch.zeros(B, Hkv, 0, cfg.block_size, d, dtype=state.dtype, device=state.device)
-        self.block_v = torch.zeros(B, Hkv, 0, cfg.block_size, d, dtype=state.dtype, device=state.device)
         self.block_repr = torch.zeros(B, 0, args.n_heads * d, dtype=torch.float32, device=state.device)
+        a, b = state.pool_slot, state.pool_end
+        self.pool = BlockPool(
+            B, Hkv, cfg.block_size, d, n_slots=state.n_pool, dtype=state.dtype, device=state.device,
+            policy=cfg.cache_policy, score_decay=cfg.score_decay, max_host_bytes=state.host_bytes_per_layer,
+            offload_dir=cfg.offload_dir,
+            fast_k=self.k_raw[:, :, a:b, :d].unflatten(2, (state.n_pool, cfg.block_size)),
+            fast_v=self.v[:, :, a:b, :d].unflatten(2, (state.n_pool, cfg.block_size)))
         self.trace: list[tuple[int, int, torch.Tensor]] = []
 
     # ------------------------------------------------------------------ interface
@@ -100,8 +115,7 @@ class InfLLMLayerAttention(LayerAttention):
     def _chunk(self, q, k, v, s: int, e: int, rope: RotaryEmbedding) -> torch.Tensor:
         """q: (B, H, T, d), k/v: (B, Hkv, T, d) for positions [s, e). Returns (B, H, T, d)."""
         state, T = self.state, e - s
-        n_selected = min(self.n_blocks, self.cfg.topk)
-        geo = state.geometry(s, e, self.tail_start, n_selected, rope)
+        geo = state.geometry(s, e, self.tail_start, rope)
         pad = geo.padded - T
         q32 = F.pad(q.float(), (0, 0, 0, pad))  # (B, H, Tp, d)
         q_loc = apply_rope(q32, geo.cos, geo.sin)  # true positions
@@ -109,13 +123,18 @@ class InfLLMLayerAttention(LayerAttention):
         k_rot = apply_rope(k.float(), geo.cos[:T], geo.sin[:T])  # (B, Hkv, T, d)
         self._store(k.float(), k_rot, v.float(), s, e)
         selected = self._select(q_far[:, :, :T])  # (B, n_selected) or None
+        far_pos, far_lists, union = geo.far_pos, geo.far_lists, None
         if selected is not None:
-            self._place_selected(selected)
-        out, sums = state.attention(q_loc, q_far, F.pad(k_rot, (0, 0, 0, pad)), self.k_rot, self.k_raw,
-                                    self.v, geo.masks, self.cfg.n_local)
+            union, union_slots, slots, far_pos = self._make_resident(selected, geo.far_pos)
+            far_lists = far_tiles(geo.masks, far_pos, self.cfg.n_local)
+        out, sums, lse = state.attention(q_loc, q_far, F.pad(k_rot, (0, 0, 0, pad)), self.k_rot, self.k_raw,
+                                         self.v, geo.masks, far_pos, far_lists, self.cfg.n_local)
         used = e - self.tail_start  # the tail holds positions [tail_start, e)
         if used > 0:  # the initial tokens never form blocks: only the tail keeps scores
             self.tail_scores[:, :, :used] += sums[:, :, state.tail_slot:state.tail_slot + used]
+        if union is not None and self.pool.policy == "lru-s":
+            mass = self._slot_mass(q_far[:, :, :T], lse[:, :, :T], slots)  # (n_pool,)
+            self.pool.record_chunk(union, mass[union_slots])
         if state.record:
             self.trace.append((s, e, self._padded(selected)))
         self._form_blocks(e)
@@ -137,14 +156,36 @@ class InfLLMLayerAttention(LayerAttention):
                 buf[:, :, a:b, :d] = x
             self.tail_scores[:, :, s - self.tail_start:e - self.tail_start] = 0
 
-    def _place_selected(self, selected: torch.Tensor) -> None:
-        """Copy the selected blocks' K/V into the selection slots (a gather on the device)."""
-        B, n_sel = selected.shape
-        Hkv, bs, d = self.n_kv_heads, self.cfg.block_size, self.head_dim
-        index = selected[:, None, :, None, None].expand(B, Hkv, n_sel, bs, d)
-        a, b = self.cfg.n_init, self.cfg.n_init + n_sel * bs
-        self.k_raw[:, :, a:b, :d] = self.block_k[:, :, :self.n_blocks].gather(2, index).reshape(B, Hkv, -1, d)
-        self.v[:, :, a:b, :d] = self.block_v[:, :, :self.n_blocks].gather(2, index).reshape(B, Hkv, -1, d)
+    def _make_resident(self, selected: torch.Tensor, base_pos: torch.Tensor):
+        """Load the selected blocks (B, k) into pool slots (the union over the batch) and
+        mark each sequence's in the far call's slot positions. Returns the union (U,), its
+        slots (U,), the selection's slots (B, k) and the positions (B, S)."""
+        state, bs = self.state, self.cfg.block_size
+        union = selected.unique() if selected.shape[0] > 1 else selected[0]  # (U,)
+        union_slots = self.pool.ensure_resident(union)  # (U,) page-table lookup, loads the misses
+        lookup = torch.zeros(self.n_blocks, dtype=torch.long, device=selected.device)
+        lookup[union] = union_slots
+        slots = lookup[selected]  # (B, k)
+        chosen = torch.zeros(selected.shape[0], state.n_pool, dtype=torch.bool, device=selected.device)
+        chosen.scatter_(1, slots, True)
+        far_pos = base_pos.clone()
+        far_pos[:, state.pool_slot:state.pool_end] = torch.where(chosen.repeat_interleave(bs, dim=1), FAR, EMPTY)
+        return union, union_slots, slots, far_pos
+
+    def _slot_mass(self, q_far, lse, slots) -> torch.Tensor:
+        """Attention mass each pool slot received in this chunk (``lru-s``): the joint
+        probabilities of its keys summed over queries, heads and sequences (n_pool,).
+        q_far: (B, H, T, d) real rows only, lse: (B, H, T), slots: (B, k) selected."""
+        B, H, T, d = q_far.shape
+        Hkv, G, bs = self.n_kv_heads, H // self.n_kv_heads, self.cfg.block_size
+        pool_k = self.pool.slot_k  # (B, Hkv, n_pool, bs, d) float32 view
+        index = slots[:, None, :, None, None].expand(B, Hkv, slots.shape[1], bs, d)
+        keys = pool_k.gather(2, index).flatten(2, 3)  # (B, Hkv, k·bs, d)
+        logits = q_far.view(B, Hkv, G * T, d) @ keys.transpose(-1, -2) / d ** 0.5  # (B, Hkv, G·T, k·bs)
+        p = (logits - lse.reshape(B, Hkv, G * T, 1)).exp()
+        per_slot = p.sum(dim=2).unflatten(-1, (slots.shape[1], bs)).sum(dim=(1, 3))  # (B, k)
+        return torch.zeros(self.state.n_pool, device=q_far.device).index_add_(0, slots.flatten(),
+                                                                              per_slot.flatten())
 
     def _select(self, q_far: torch.Tensor) -> torch.Tensor | None:
         """(B, k) indices of the blocks this chunk attends (SPEC §6); None if none."""
@@ -174,9 +215,8 @@ class InfLLMLayerAttention(LayerAttention):
         keys_per_head = keys.repeat_interleave(H // Hkv, dim=1)  # (B, H, new, bs, d)
         picked = keys_per_head.gather(3, top[..., None].expand(*top.shape, d))  # (B, H, new, r, d)
         repr_vec = picked.mean(dim=3).permute(0, 2, 1, 3).reshape(B, new, H * d)  # (B, new, H·d)
-        self._grow_blocks(target)
-        self.block_k[:, :, self.n_blocks:target] = keys
-        self.block_v[:, :, self.n_blocks:target] = values
+        self._grow_repr(target)
+        self.pool.append(keys.to(self.state.dtype), values.to(self.state.dtype))
         self.block_repr[:, self.n_blocks:target] = repr_vec
         self.n_blocks = target
         # shift the tail left by the formed tokens
@@ -187,21 +227,13 @@ class InfLLMLayerAttention(LayerAttention):
         self.tail_scores[:, :, :rest] = self.tail_scores[:, :, n_tok:used].clone()
         self.tail_start += n_tok
 
-    def _grow_blocks(self, needed: int) -> None:
-        """Make room for ``needed`` blocks, doubling the capacity (amortised, rare)."""
-        have = self.block_k.shape[2]
-        if needed <= have:
-            return
-        cap = max(needed, 2 * have, 16)
-        grow = cap - have
-
-        def extend(t: torch.Tensor, dim: int) -> torch.Tensor:
-            shape = list(t.shape)
-            shape[dim] = grow
-            return torch.cat([t, t.new_zeros(shape)], dim=dim)
-
-        self.block_k, self.block_v = extend(self.block_k, 2), extend(self.block_v, 2)
-        self.block_repr = extend(self.block_repr, 1)
+    def _grow_repr(self, needed: int) -> None:
+        """Room for ``needed`` representative vectors, doubling the capacity (amortised)."""
+        have = self.block_repr.shape[1]
+        if needed > have:
+            grow = max(needed, 2 * have, 16) - have
+            self.block_repr = torch.cat([self.block_repr, self.block_repr.new_zeros(
+                self.block_repr.shape[0], grow, self.block_repr.shape[2])], dim=1)
 
     def _padded(self, selected: torch.Tensor | None) -> torch.Tensor:
         """Selection as (B, topk), sorted, -1 padded: the form tests compare."""
@@ -213,7 +245,10 @@ class InfLLMLayerAttention(LayerAttention):
 
 
 class InfLLMState(AttentionState):
-    """InfLLM memories of all layers for one generation (unbounded length)."""
+    """InfLLM memories of all layers for one generation (unbounded length).
+
+    ``close()`` (or the end of a generation) releases the pools' disk files; ``stats()``
+    adds up the pools' counters over the layers."""
 
     def __init__(self, args: ModelArgs, config: MemoryConfig, *, batch_size: int = 1,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
@@ -225,26 +260,43 @@ class InfLLMState(AttentionState):
         self.length = 0
         self.record = False
         self.group = args.n_heads // args.n_kv_heads
-        self.tail_slot = config.n_init + config.topk * config.block_size  # first tail slot
+        self.tail_slot = config.n_init  # first tail slot
         self.tail_capacity = config.n_local + config.block_size + config.exc_block_size  # never exceeded
-        self.n_slots = self.tail_slot + self.tail_capacity + 1  # + the sentinel
+        self.local_end = self.tail_slot + self.tail_capacity
+        # the pool's slots start on a tile, so whole blocks of 128 are whole tiles; every
+        # sequence's top-k must fit at once
+        self.n_pool = max(config.max_cached_blocks, batch_size * config.topk, 1)
+        self.pool_slot = -(-self.local_end // FLEX_BLOCK) * FLEX_BLOCK
+        self.pool_end = self.pool_slot + self.n_pool * config.block_size
+        self.n_slots = self.pool_end + 1  # + the sentinel
+        self.host_bytes_per_layer = (None if config.max_host_bytes is None
+                                     else max(1, config.max_host_bytes // args.n_layers))
         self._geometry_key, self._geometry = None, None
         self.cos_far, self.sin_far = None, None
         self.layers = [InfLLMLayerAttention(self, args) for _ in range(args.n_layers)]
 
-    def attention(self, q_loc, q_far, k_self, k_rot, k_raw, v, masks, n_local):
+    def attention(self, q_loc, q_far, k_self, k_rot, k_raw, v, masks, far_pos, far_lists, n_local):
         """The joint attention of one chunk through the chosen kernel."""
         if self.kernel == "torch":
-            return joint_attention_dense(q_loc, q_far, k_self, k_rot, k_raw, v, masks, n_local)
-        return joint_attention_flex(q_loc, q_far, k_self, k_rot, k_raw, v, masks, n_local,
-                                    compiled=self.kernel == "flex")
+            return joint_attention_dense(q_loc, q_far, k_self, k_rot, k_raw, v, masks, far_pos, far_lists,
+                                         n_local)
+        return joint_attention_flex(q_loc, q_far, k_self, k_rot, k_raw, v, masks, far_pos, far_lists,
+                                    n_local, compiled=self.kernel == "flex")
 
-    def geometry(self, s: int, e: int, tail_start: int, n_selected: int,
-                 rope: RotaryEmbedding) -> ChunkGeometry:
+    def stats(self) -> PoolStats:
+        """The block pools' counters added up over the layers."""
+        return sum((layer.pool.stats() for layer in self.layers), PoolStats())
+
+    def close(self) -> None:
+        """Release the pools (their offload files). Idempotent."""
+        for layer in self.layers:
+            layer.pool.close()
+
+    def geometry(self, s: int, e: int, tail_start: int, rope: RotaryEmbedding) -> ChunkGeometry:
         """Positions, rotations and tile masks of the chunk [s, e): identical in every
         layer, so built once per chunk. Chunks of more than one query are padded to
         ``exc_block_size`` rows so that compiled attention sees one shape for them."""
-        key = (s, e, tail_start, n_selected)
+        key = (s, e, tail_start)
         if self._geometry_key == key:
             return self._geometry
         cfg, device = self.config, self.device
@@ -258,9 +310,10 @@ class InfLLMState(AttentionState):
         k_pos = torch.full((self.n_slots,), EMPTY, dtype=torch.long, device=device)
         n_init_seen = min(cfg.n_init, e)
         k_pos[:n_init_seen] = torch.arange(n_init_seen, device=device)
-        k_pos[cfg.n_init:cfg.n_init + n_selected * cfg.block_size] = FAR
         used = max(0, e - tail_start)
         k_pos[self.tail_slot:self.tail_slot + used] = torch.arange(tail_start, tail_start + used, device=device)
-        masks = chunk_masks(q_pos, k_pos, cfg.n_local, self.group)
-        self._geometry_key, self._geometry = key, ChunkGeometry(padded, cos, sin, masks)
+        masks = chunk_masks(q_pos, k_pos, cfg.n_local, self.group, self.local_end)
+        far_pos = k_pos.expand(self.batch_size, -1)
+        self._geometry_key = key
+        self._geometry = ChunkGeometry(padded, cos, sin, masks, far_pos, far_tiles(masks, far_pos, cfg.n_local))
         return self._geometry

@@ -4,7 +4,9 @@ A block is the K and the V of ``block_size`` tokens, each (B, Hkv, block_size, d
 get logical ids 0, 1, 2, ... in the order they are appended and never change.
 
 * **Fast tier**: ``slot_k`` / ``slot_v`` (B, Hkv, n_slots, block_size, d) on ``device``
-  (the GPU, or CPU memory when there is none), ``n_slots = max_cached_blocks``. A page
+  (the GPU, or CPU memory when there is none), ``n_slots = max_cached_blocks``. The
+  InfLLM layer passes views into its attention slot array (``fast_k``/``fast_v``, float32
+  there), so a loaded block is where the attention reads it: no per-chunk gather. A page
   table maps logical block -> slot (-1 when not resident) and slot -> block. The
   attention points its kv indices at slots (``ensure_resident`` / ``slots_of``).
 * **Slow tier**: the authoritative copy of every block in host memory, a ring of rows
@@ -37,7 +39,7 @@ from __future__ import annotations
 
 import operator
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Iterable, Sequence
 
 import torch
@@ -66,6 +68,15 @@ class PoolStats:
     blocks_host: int = 0
     blocks_disk: int = 0
 
+    def __add__(self, other: "PoolStats") -> "PoolStats":
+        """Counters of several pools (e.g. all layers) added up."""
+        return PoolStats(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
+
+    @property
+    def hit_rate(self) -> float:
+        """Share of selected blocks found resident (0 before any selection)."""
+        return self.hits / (self.hits + self.misses) if self.hits + self.misses else 0.0
+
 
 class BlockPool:
     """One layer's formed blocks: fast-tier slots, host store, disk overflow, cache policy."""
@@ -74,7 +85,8 @@ class BlockPool:
                  n_slots: int, dtype: torch.dtype = torch.float32,
                  device: torch.device | str | None = None, policy: str = "lru",
                  score_decay: float = 0.1, max_host_bytes: int | None = None,
-                 offload_dir: str | None = None) -> None:
+                 offload_dir: str | None = None, fast_k: torch.Tensor | None = None,
+                 fast_v: torch.Tensor | None = None) -> None:
         for name, value in (("batch", batch), ("n_kv_heads", n_kv_heads), ("block_size", block_size),
                             ("head_dim", head_dim), ("n_slots", n_slots)):
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -107,9 +119,19 @@ class BlockPool:
         self._side_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
         B, Hkv, bs, d = self.block_shape
-        # fast tier
-        self.slot_k = torch.zeros(B, Hkv, n_slots, bs, d, dtype=dtype, device=self.device)
-        self.slot_v = torch.zeros(B, Hkv, n_slots, bs, d, dtype=dtype, device=self.device)
+        # fast tier: given (views into the attention's key/value slots) or allocated
+        if (fast_k is None) != (fast_v is None):
+            raise InfLLMLiteError("BlockPool: give both fast_k and fast_v, or neither")
+        if fast_k is None:
+            fast_k = torch.zeros(B, Hkv, n_slots, bs, d, dtype=dtype, device=self.device)
+            fast_v = torch.zeros_like(fast_k)
+        for name, x in (("fast_k", fast_k), ("fast_v", fast_v)):
+            if tuple(x.shape) != (B, Hkv, n_slots, bs, d) or x.device != self.device \
+                    or not x.dtype.is_floating_point:
+                raise InfLLMLiteError(f"BlockPool: {name} must be a floating (B, Hkv, n_slots, "
+                                      f"block_size, d) = {(B, Hkv, n_slots, bs, d)} tensor on "
+                                      f"{self.device}, got {x.dtype} {tuple(x.shape)} on {x.device}")
+        self.slot_k, self.slot_v = fast_k, fast_v  # may hold a wider dtype than the host copy
         self.slot_score = torch.zeros(n_slots, dtype=torch.float32, device=self.device)  # lru-s value
         self._slot_of: list[int] = []  # logical block -> slot, -1 if not resident
         self._block_of = [-1] * n_slots  # slot -> logical block, -1 if free
@@ -265,8 +287,8 @@ class BlockPool:
         if fast:
             pos = torch.tensor(fast, device=self.device)
             slots = torch.tensor([self._slot_of[ids[i]] for i in fast], device=self.device)
-            out_k.index_copy_(2, pos, self.slot_k.index_select(2, slots))
-            out_v.index_copy_(2, pos, self.slot_v.index_select(2, slots))
+            out_k.index_copy_(2, pos, self.slot_k.index_select(2, slots).to(self.dtype))
+            out_v.index_copy_(2, pos, self.slot_v.index_select(2, slots).to(self.dtype))
         if slow:
             k, v = self._gather_slow([ids[i] for i in slow])  # (m, B, Hkv, bs, d) host
             pos = torch.tensor(slow, device=self.device)
@@ -346,15 +368,16 @@ class BlockPool:
             self._side_stream.wait_stream(compute)  # queued attention may still read these slots
             with torch.cuda.stream(self._side_stream):
                 index = torch.tensor(slots, device=self.device)
-                self.slot_k.index_copy_(2, index, k.to(self.device, non_blocking=True).permute(1, 2, 0, 3, 4))
-                self.slot_v.index_copy_(2, index, v.to(self.device, non_blocking=True).permute(1, 2, 0, 3, 4))
+                for slot, x in ((self.slot_k, k), (self.slot_v, v)):
+                    x = x.to(self.device, non_blocking=True).to(slot.dtype)
+                    slot.index_copy_(2, index, x.permute(1, 2, 0, 3, 4))
                 done = torch.cuda.Event()
                 done.record(self._side_stream)
             compute.wait_event(done)
         else:
             index = torch.tensor(slots)
-            self.slot_k.index_copy_(2, index, k.permute(1, 2, 0, 3, 4))
-            self.slot_v.index_copy_(2, index, v.permute(1, 2, 0, 3, 4))
+            self.slot_k.index_copy_(2, index, k.permute(1, 2, 0, 3, 4).to(self.slot_k.dtype))
+            self.slot_v.index_copy_(2, index, v.permute(1, 2, 0, 3, 4).to(self.slot_v.dtype))
 
     def _gather_slow(self, blocks: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of blocks from the host ring or the disk, (m, B, Hkv, bs, d) each, on the

@@ -131,6 +131,27 @@ def test_generate_with_infllm_memory_options(capsys, tiny_folder):
                              "--block-size", "4", "--topk", "2", "--max-new-tokens", "4",
                              "--attention-kernel", "flex-eager")  # the product code, without a compile
     assert code == 0 and out.strip(), err
+
+
+def test_generate_with_memory_tier_options_prints_stats(capsys, tiny_folder, tmp_path):
+    code, out, err = run_cli(capsys, "generate", "--model", str(tiny_folder), "--prompt", "Hello " * 60,
+                             "--attention", "infllm", "--n-local", "16", "--n-init", "4",
+                             "--block-size", "4", "--topk", "2", "--max-cached-blocks", "3",
+                             "--cache-policy", "lru-s", "--max-host-bytes", "1KiB",
+                             "--offload-dir", str(tmp_path), "--max-new-tokens", "4", "--stats",
+                             "--attention-kernel", "flex-eager")
+    assert code == 0 and out.strip(), err
+    assert "hit rate" in err and "disk" in err, err
+    assert list(tmp_path.iterdir()) == []  # the offload file is removed when generation ends
+    with pytest.raises(SystemExit):  # argparse: usage error, exit status 2
+        run_cli(capsys, "generate", "--model", str(tiny_folder), "--prompt", "Hi", "--attention", "infllm",
+                "--max-host-bytes", "lots")
+    assert "not a size in bytes" in capsys.readouterr().err
+    code, _, err = run_cli(capsys, "generate", "--model", str(tiny_folder), "--prompt", "Hello " * 60,
+                           "--attention", "infllm", "--offload-dir", str(tmp_path / "missing"),
+                           "--max-host-bytes", "1KiB", "--n-local", "16", "--block-size", "4",
+                           "--topk", "2", "--n-init", "4")
+    assert code == 1 and "is not a directory" in err
     code, _, err = run_cli(capsys, "generate", "--model", str(tiny_folder), "--prompt", "Hi",
                            "--attention", "infllm", "--block-size", "0")
     assert code == 1 and "block_size must be a positive integer" in err

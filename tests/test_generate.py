@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 from infllm_lite import InfLLMLiteError, MemoryConfig, generate, generate_ids
 from infllm_lite.generate import _StopStrings, encode_prompt
+from infllm_lite.memory_config import n_formed_blocks
 from infllm_lite.sampling import sample
 
 QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
@@ -110,6 +111,29 @@ def test_infllm_generation_streams_samples_and_stops(tiny):
     a = generate(model, tok, prompt, **sampling, **kw)
     assert a == generate(model, tok, prompt, **sampling, **kw)
     assert "".join(generate(model, tok, prompt, stream=True, **sampling, **kw)) == a
+
+
+def test_return_stats_counts_tokens_phases_and_the_memory(tiny):
+    """return_stats gives (text, GenerationStats): token counts, phase times, and for infllm
+    the pools' counters over all layers (per phase too); streaming fills them at the end."""
+    model, tok = tiny
+    prompt = "Once upon a time there was a memory. " * 12
+    kw = dict(attention="infllm", memory=TINY_MEMORY, attention_kernel="flex-eager", max_new_tokens=20)
+    text, stats = generate(model, tok, prompt, return_stats=True, **kw)
+    assert text == generate(model, tok, prompt, **kw)
+    assert stats.prompt_tokens == len(tok.encode(prompt)) and 0 < stats.new_tokens <= 20
+    assert stats.prefill_seconds > 0 and stats.prefill_tokens_per_second > 0
+    m, pre, dec = stats.memory, stats.prefill_memory, stats.decode_memory
+    assert m.blocks == model.args.n_layers * n_formed_blocks(TINY_MEMORY, stats.prompt_tokens + stats.new_tokens - 1)
+    assert m.blocks_disk == 0 and m.blocks_host == m.blocks and m.blocks_fast <= model.args.n_layers * 2
+    assert m.hits + m.misses > 0 and m.chunks == pre.chunks + dec.chunks
+    assert m.bytes_slow_to_fast == m.misses * 2 * model.args.n_kv_heads * 8 * model.args.head_dim * 4
+    assert "hit rate" in stats.summary() and stats.to_dict()["memory"]["hit_rate"] == m.hit_rate
+    pieces, streamed = generate(model, tok, prompt, stream=True, return_stats=True, **kw)
+    assert streamed.new_tokens == 0 and "".join(pieces) == text and streamed.new_tokens == stats.new_tokens
+    assert streamed.memory == stats.memory
+    _, plain = generate(model, tok, prompt, return_stats=True, max_new_tokens=5)
+    assert plain.memory is None and plain.decode_memory is None and "memory" not in plain.summary()
 
 
 def test_chunked_prefill_gives_the_same_tokens(tiny):

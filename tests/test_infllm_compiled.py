@@ -29,9 +29,10 @@ CONFIG = MemoryConfig.for_model(ARGS)  # n_init 128, n_local 512, block 128, top
 CALLS = [700, 1, 1100, 617, 1, 1, 1]  # partial chunks, then decode steps
 
 
-def run(kernel: str, q, k, v, calls=CALLS):
+def run(kernel: str, q, k, v, calls=CALLS, representative_kernel=False):
     state = InfLLMState(ARGS, CONFIG, kernel=kernel)
     state.record = True
+    state.representative_kernel = representative_kernel
     with torch.inference_mode():
         out = attend_in_calls(state, q, k, v, calls, RotaryEmbedding(ARGS))
     return out, state.layers[0]
@@ -55,6 +56,17 @@ def test_compiled_flex_equals_plain_kernel(qkv):
         assert torch.equal(a, b)
     assert flex_layer.n_blocks == plain_layer.n_blocks
     torch.testing.assert_close(flex_layer.block_repr, plain_layer.block_repr, atol=1e-5, rtol=1e-5)
+
+
+def test_representative_scores_kernel_path_equals_the_swapped_call(qkv):
+    """The path CUDA takes (representative scores from infllm_lite.kernels, here its torch
+    twin) forms the same blocks and attends the same as the swapped flex call."""
+    out, layer = run("flex", *qkv)
+    out_k, layer_k = run("flex", *qkv, representative_kernel=True)
+    torch.testing.assert_close(out_k, out, atol=1e-5, rtol=1e-5)
+    for (_, _, a), (_, _, b) in zip(layer_k.trace, layer.trace):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(layer_k.block_repr, layer.block_repr, atol=1e-5, rtol=1e-5)
 
 
 def test_a_whole_generation_compiles_once(qkv):

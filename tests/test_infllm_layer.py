@@ -127,10 +127,16 @@ def memory_configs(draw, topk=None):
     block_size = draw(st.integers(4, 16))
     if topk is None:  # small, and sometimes more than the blocks there will be
         topk = draw(st.one_of(st.integers(1, 4), st.integers(0, 4), st.integers(5, 60)))
+    # the block pool: few spare slots (evictions), either policy, sometimes a host budget of
+    # a few blocks so that most blocks live on disk; none of it may change the attention
+    host_blocks = draw(st.one_of(st.none(), st.integers(0, 6)))
+    kv_bytes_per_block = 2 * 3 * block_size * 16 * 4  # generous: K and V, Hkv <= 3, d <= 16
     return MemoryConfig(n_init=draw(st.integers(0, 8)), n_local=n_local, block_size=block_size,
                         topk=topk, repr_topk=draw(st.integers(1, min(4, block_size))),
                         exc_block_size=draw(st.integers(1, n_local)),
-                        max_cached_blocks=max(topk, 1) + draw(st.integers(0, 3)))
+                        max_cached_blocks=max(topk, 1) + draw(st.integers(0, 3)),
+                        cache_policy=draw(st.sampled_from(["lru", "lru-s"])),
+                        max_host_bytes=None if host_blocks is None else max(1, host_blocks * kv_bytes_per_block))
 
 
 def all_blocks_config(config: MemoryConfig, L: int, extra: int) -> MemoryConfig:

@@ -1,14 +1,16 @@
 """InfLLM at model level on the embedded SmolLM2-135M-Instruct (SPEC §4 consequences),
-and passkey retrieval beyond the model's 8K window."""
+and passkey retrieval beyond the model's 8K window, with and without the disk tier."""
 
 from dataclasses import replace
 
 import pytest
 import torch
 
-from infllm_lite import InfLLMLiteError, MemoryConfig, generate
+from infllm_lite import GenerationStats, InfLLMLiteError, MemoryConfig, generate, generate_ids
 from infllm_lite.attention import make_attention_state
 from infllm_lite.eval.passkey import make_passkey_sample, score_passkey
+from infllm_lite.generate import encode_prompt
+from infllm_lite.memory_config import n_formed_blocks
 
 SMALL = MemoryConfig(n_init=16, n_local=128, block_size=32, topk=2, repr_topk=4, exc_block_size=64,
                      max_cached_blocks=4)
@@ -68,22 +70,48 @@ def test_bad_memory_configs_are_refused_before_any_work():
 
 
 @pytest.fixture(scope="module")
-def passkey_12k(smollm):
-    """12K tokens, 1.5x the model's native 8K window; the needle at depth 0.4, far outside
+def passkey_16k(smollm):
+    """16K tokens, twice the model's native 8K window; the needle at depth 0.4, far outside
     the local window; asked through the chat template."""
     _, tok = smollm
-    sample = make_passkey_sample(tok, n_tokens=12000, depth=0.4, seed=1)
-    assert sample.n_tokens > 8192
+    sample = make_passkey_sample(tok, n_tokens=16800, depth=0.4, seed=1)
+    assert sample.n_tokens >= 16384
     return sample
 
 
-def test_infllm_finds_the_passkey_beyond_the_window(smollm, passkey_12k):
-    model, tok = smollm
-    answer = generate(model, tok, passkey_12k.messages, attention="infllm", max_new_tokens=12)
-    assert score_passkey(answer, passkey_12k.key), answer
+def _answer_ids(model, tok, sample, memory, stats):
+    ids = encode_prompt(tok, sample.messages)
+    stops = set(tok.stop_token_ids) | set(model.args.eos_token_ids)
+    return list(generate_ids(model, ids, attention="infllm", max_new_tokens=12, memory=memory,
+                             stop_token_ids=stops, stats=stats))
 
 
-def test_streaming_loses_the_passkey_outside_its_window(smollm, passkey_12k):
+def test_infllm_finds_the_passkey_beyond_the_window_with_most_blocks_on_disk(smollm, passkey_16k, tmp_path):
+    """The same generation with the slow tier capped so that most blocks live on disk gives
+    exactly the same tokens (the disk tier round-trips bit for bit), and the pools' counters
+    say where the blocks were; the offload file is gone afterwards."""
     model, tok = smollm
-    answer = generate(model, tok, passkey_12k.messages, attention="streaming", max_new_tokens=12)
-    assert not score_passkey(answer, passkey_12k.key), answer
+    memory = MemoryConfig.for_model(model.args)
+    uncapped = GenerationStats()
+    answer = _answer_ids(model, tok, passkey_16k, memory, uncapped)
+    assert score_passkey(tok.decode(answer), passkey_16k.key), tok.decode(answer)
+    m = uncapped.memory
+    assert m.blocks_disk == 0 and m.blocks >= model.args.n_layers * n_formed_blocks(memory, passkey_16k.n_tokens)
+    assert m.misses > 0 and m.hits > 0 and m.evictions > 0  # 32 slots for 123 blocks a layer
+
+    args = model.args
+    block_bytes = 2 * args.n_kv_heads * memory.block_size * args.head_dim * 4  # K and V, float32
+    capped_memory = replace(memory, max_host_bytes=16 * block_bytes * args.n_layers, offload_dir=str(tmp_path))
+    capped = GenerationStats()
+    assert _answer_ids(model, tok, passkey_16k, capped_memory, capped) == answer
+    c = capped.memory
+    assert c.blocks == m.blocks and c.blocks_host == 16 * args.n_layers and c.blocks_disk > 0.8 * c.blocks
+    assert (c.hits, c.misses, c.evictions) == (m.hits, m.misses, m.evictions)  # tiers do not change the cache
+    assert c.bytes_host_to_disk >= c.blocks_disk * block_bytes and c.bytes_disk_to_host > 0
+    assert list(tmp_path.iterdir()) == []  # the pools closed their offload files
+
+
+def test_streaming_loses_the_passkey_outside_its_window(smollm, passkey_16k):
+    model, tok = smollm
+    answer = generate(model, tok, passkey_16k.messages, attention="streaming", max_new_tokens=12)
+    assert not score_passkey(answer, passkey_16k.key), answer

@@ -12,6 +12,7 @@ involved (the sums of |terms|).
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
 
@@ -23,11 +24,7 @@ from hypothesis import strategies as st
 from infllm_lite.errors import InfLLMLiteError
 from infllm_lite.kernels import block_relevance as br
 from infllm_lite.kernels import representative_scores as rs
-
-try:
-    import triton
-except ImportError:
-    triton = None
+from infllm_lite.kernels import triton_state
 
 PAD = -(1 << 41)  # padding query rows
 EMPTY = 1 << 40  # unused key slots
@@ -35,24 +32,12 @@ FAR = -(1 << 40)  # selected-block slots
 EPS32 = torch.finfo(torch.float32).eps
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
-
-def _triton_device() -> str | None:
-    """Where the Triton kernels can run now, or None."""
-    if triton is None:
-        return None
-    if triton.knobs.runtime.interpret:
-        return "cpu"
-    return "cuda" if torch.cuda.is_available() else None
-
-
-def _skip_reason() -> str:
-    if triton is None:
-        return "triton is not importable"
-    return "Triton needs CUDA or TRITON_INTERPRET=1 (conftest.py sets it unless already set)"
-
-
-DEVICE = _triton_device()
-needs_triton = pytest.mark.skipif(DEVICE is None, reason=_skip_reason())
+STATE = triton_state()  # conftest.py sets TRITON_INTERPRET before triton's first import
+DEVICE = {"interpret": "cpu", "compile": "cuda" if torch.cuda.is_available() else None}.get(STATE)
+SKIP_REASON = {"missing": "triton is not importable",
+               "mixed": "TRITON_INTERPRET changed after triton was imported",
+               "compile": "TRITON_INTERPRET=0 and no CUDA device"}.get(STATE, "")
+needs_triton = pytest.mark.skipif(DEVICE is None, reason=SKIP_REASON)
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -270,13 +255,14 @@ def test_dispatchers_pick_torch_on_cpu(monkeypatch):
 
 
 @needs_triton
-def test_triton_on_cpu_without_interpreter_is_refused(monkeypatch):
-    """The mode is read at launch: turning the interpreter off later is seen at once."""
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(InfLLMLiteError, match="TRITON_INTERPRET=1"):
-        br.block_scores_triton(torch.randn(1, 4), torch.randn(1, 3, 4), 2)
-    with pytest.raises(InfLLMLiteError, match="TRITON_INTERPRET=1"):
-        rs.representative_scores_triton(*_case(0, 1, 1, 1, 2, 3, 4, 4, 0, torch.float32), 4)
+def test_mode_change_after_import_is_refused(monkeypatch):
+    """Triton's mode is fixed at its import; a launch after TRITON_INTERPRET changed says so."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0" if STATE == "interpret" else "1")
+    with pytest.raises(InfLLMLiteError, match="before the first `import triton`"):
+        br.block_scores_triton(torch.randn(1, 4, device=DEVICE), torch.randn(1, 3, 4, device=DEVICE), 2)
+    args = (t.to(DEVICE) for t in _case(0, 1, 1, 1, 2, 3, 4, 4, 0, torch.float32))
+    with pytest.raises(InfLLMLiteError, match="before the first `import triton`"):
+        rs.representative_scores_triton(*args, 4)
 
 
 def _bad_block(**kw):
@@ -340,15 +326,23 @@ def test_select_blocks_bad_input():
         br.select_blocks(torch.randn(1, 2, 3, 4), block_repr, 4, 2)  # H·d = 8 != 6
 
 
+def _run(code: str, **env: str) -> None:
+    environ = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | env
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env=environ, check=False)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
 def test_library_imports_without_triton():
     """With triton unimportable the package imports, dispatchers use the twins, and the
     Triton entry points say triton is missing."""
-    code = """
+    _run("""
 import sys
 sys.modules["triton"] = None  # import triton -> ImportError
 import torch
 from infllm_lite.errors import InfLLMLiteError
-from infllm_lite.kernels import block_relevance as br, representative_scores as rs
+from infllm_lite.kernels import block_relevance as br, representative_scores as rs, triton_state
+assert triton_state() == "missing"
 assert br.block_scores(torch.ones(1, 2), torch.ones(1, 3, 2), 3).tolist() == [[2.0, 2.0, 2.0]]
 out = rs.representative_scores(torch.zeros(1, 1, 1, 4), torch.zeros(1, 1, 1, 4), torch.tensor([5]),
                                torch.tensor([5]), torch.zeros(1, 1, 1), 1)
@@ -356,10 +350,30 @@ assert out.tolist() == [[[1.0]]]
 try:
     br.block_scores_triton(torch.ones(1, 2), torch.ones(1, 3, 2), 3)
 except InfLLMLiteError as e:
-    assert "triton is not installed" in str(e)
+    assert "triton is not installed" in str(e), e
 else:
     raise SystemExit("no error")
 print("ok")
-"""
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
-    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+""")
+
+
+@pytest.mark.skipif(STATE == "missing", reason="triton is not importable")
+def test_interpreter_needs_the_variable_before_triton():
+    """Imported without TRITON_INTERPRET, a CPU launch is refused with the fix in the
+    message; setting the variable afterwards is refused too (triton 3.9 decorated its
+    tl.sum and tl.max at import)."""
+    _run("""
+import os, torch
+from infllm_lite.errors import InfLLMLiteError
+from infllm_lite.kernels import block_relevance as br, triton_state
+assert triton_state() == "compile"
+for env, match in (("0", "Triton needs CUDA, or TRITON_INTERPRET=1"), ("1", "TRITON_INTERPRET=1 now")):
+    os.environ["TRITON_INTERPRET"] = env
+    try:
+        br.block_scores_triton(torch.ones(1, 2), torch.ones(1, 3, 2), 3)
+    except InfLLMLiteError as e:
+        assert match in str(e) and "before the first `import triton`" in str(e), e
+    else:
+        raise SystemExit("no error")
+print("ok")
+""")

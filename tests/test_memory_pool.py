@@ -372,3 +372,40 @@ def test_memory_config_checks_the_new_fields(kwargs, message):
     with pytest.raises(InfLLMLiteError, match=message):
         MemoryConfig(**kwargs)
     assert MemoryConfig().max_host_bytes is None and MemoryConfig().offload_dir is None
+
+
+def test_external_fast_tier_is_written_in_place_in_its_own_dtype():
+    """The InfLLM layer hands the pool views into its float32 slot array (fast_k/fast_v):
+    loads land there, converted; reads come back in the pool's dtype, bit for bit."""
+    d, bs = 4, 3
+    slots = torch.zeros(1, 2, 5 * bs + 1, d + 2)  # (B, Hkv, S, d + 2) like the attention's
+    fast_k = slots[:, :, :5 * bs, :d].unflatten(2, (5, bs))
+    fast_v = slots.clone()[:, :, :5 * bs, :d].unflatten(2, (5, bs))
+    pool = BlockPool(1, 2, bs, d, n_slots=5, dtype=torch.bfloat16, fast_k=fast_k, fast_v=fast_v,
+                     max_host_bytes=2 * 2 * bs * d * 2 * 2)  # two blocks in host, the rest on disk
+    k = torch.randn(1, 2, 6, bs, d).to(torch.bfloat16)
+    v = torch.randn(1, 2, 6, bs, d).to(torch.bfloat16)
+    pool.append(k, v)
+    got = pool.ensure_resident([5, 0, 3])
+    for block, slot in zip([5, 0, 3], got.tolist()):
+        a = slot * bs
+        assert torch.equal(slots[:, :, a:a + bs, :d], k[:, :, block].float())  # in place, float32
+    rk, rv = pool.read([0, 3, 5, 1])
+    assert rk.dtype == torch.bfloat16 and torch.equal(rk, k[:, :, [0, 3, 5, 1]]) and torch.equal(rv, v[:, :, [0, 3, 5, 1]])
+    assert slots[:, :, :, d].sum() == 0  # the indicator columns are untouched
+    pool.close()
+    with pytest.raises(InfLLMLiteError, match="give both fast_k and fast_v"):
+        BlockPool(1, 2, bs, d, n_slots=5, fast_k=fast_k)
+    with pytest.raises(InfLLMLiteError, match="fast_k must be a floating"):
+        BlockPool(1, 2, bs, d, n_slots=4, fast_k=fast_k, fast_v=fast_v)
+
+
+def test_stats_add_up_and_subtract():
+    from infllm_lite.memory import PoolStats
+    a = PoolStats(hits=3, misses=1, blocks=10, blocks_host=10, bytes_slow_to_fast=100)
+    b = PoolStats(hits=1, misses=1, blocks=4, blocks_host=4, bytes_slow_to_fast=50)
+    total = a + b
+    assert (total.hits, total.misses, total.blocks, total.bytes_slow_to_fast) == (4, 2, 14, 150)
+    assert total.hit_rate == pytest.approx(4 / 6) and PoolStats().hit_rate == 0.0
+    later = a - b  # between two snapshots: counters subtract, block counts are the later ones
+    assert (later.hits, later.misses, later.bytes_slow_to_fast, later.blocks) == (2, 0, 50, 10)

@@ -49,13 +49,41 @@ def _add_generation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk-size", type=int, default=None, help="prefill tokens per model call (default 8192)")
     m = p.add_argument_group("memory (streaming and infllm; default: suited to the model's native window)")
     for name, meaning in (("n-init", "initial (sink) tokens"), ("n-local", "local window in tokens"),
-                          ("block-size", "tokens per memory block"), ("topk", "blocks retrieved per chunk")):
+                          ("block-size", "tokens per memory block"), ("topk", "blocks retrieved per chunk"),
+                          ("max-cached-blocks", "fast-tier block slots per layer")):
         m.add_argument(f"--{name}", type=int, default=None, help=meaning)
+    m.add_argument("--cache-policy", choices=("lru", "lru-s"), default=None,
+                   help="which cached block the fast tier evicts (default lru)")
+    m.add_argument("--max-host-bytes", type=parse_bytes, default=None, metavar="SIZE",
+                   help="host memory for memory blocks, all layers (e.g. 8GiB); older blocks go to "
+                        "a file on disk (default: unlimited)")
+    m.add_argument("--offload-dir", default=None, metavar="DIR",
+                   help="directory of the offload file (default: a temporary directory, removed after)")
     m.add_argument("--attention-kernel", default="flex", choices=("flex", "flex-eager", "torch"),
                    help="how infllm computes attention: flex (compiled FlexAttention, default), "
                         "flex-eager, or torch (plain, every logit materialised: for debugging)")
     p.add_argument("--compile", action="store_true",
                    help="compile the whole decode step with torch.compile (full attention only)")
+    p.add_argument("--stats", action="store_true",
+                   help="print speed and memory-tier counters to stderr when done")
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """'8GiB', '500MB', '1.5gib', '123456' -> bytes."""
+    import re
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    unit = match and match.group(2).lower()
+    if not match or unit not in _UNITS or float(match.group(1)) * _UNITS[unit] < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size in bytes (e.g. 8GiB, 500MB, 1000000)")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+MEMORY_OPTIONS = ("n_init", "n_local", "block_size", "topk", "max_cached_blocks", "cache_policy",
+                  "max_host_bytes", "offload_dir")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -148,15 +176,16 @@ def cmd_generate(args) -> None:
         messages = [{"role": "system", "content": args.system}] if args.system else []
         prompt = messages + [{"role": "user", "content": prompt}]
     from .memory_config import MemoryConfig
-    overrides = {k: getattr(args, k) for k in ("n_init", "n_local", "block_size", "topk")
-                 if getattr(args, k) is not None}
+    overrides = {k: getattr(args, k) for k in MEMORY_OPTIONS if getattr(args, k) is not None}
     memory = MemoryConfig.for_model(model.args, **overrides) if overrides else None
-    pieces = generate(model, tokenizer, prompt, max_new_tokens=args.max_new_tokens, memory=memory,
-                      attention=args.attention, temperature=args.temperature, top_p=args.top_p,
-                      top_k=args.top_k, seed=args.seed, stop=args.stop, stream=True,
-                      chunk_size=args.chunk_size, compile=args.compile,
-                      attention_kernel=args.attention_kernel)
+    pieces, stats = generate(model, tokenizer, prompt, max_new_tokens=args.max_new_tokens, memory=memory,
+                             attention=args.attention, temperature=args.temperature, top_p=args.top_p,
+                             top_k=args.top_k, seed=args.seed, stop=args.stop, stream=True,
+                             chunk_size=args.chunk_size, compile=args.compile,
+                             attention_kernel=args.attention_kernel, return_stats=True)
     _stream_to_stdout(pieces)
+    if args.stats:
+        print(stats.summary(), file=sys.stderr)
 
 
 def cmd_convert(args) -> None:

@@ -110,6 +110,8 @@ def _run(model, state, ids, max_new_tokens, stop_token_ids, chunk_size, compile,
         bar.update(1)
         bar.close()
         stats.prefill_seconds = _clock(ids.device) - t0
+        if hasattr(state, "stats"):
+            stats.prefill_memory = state.stats()
 
         step = model.step
         if compile:

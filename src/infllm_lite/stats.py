@@ -17,6 +17,14 @@ class GenerationStats:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0  # the steps after the first new token
     memory: PoolStats | None = None  # infllm: the block pools of all layers added up
+    prefill_memory: PoolStats | None = None  # the same, when the prefill ended
+
+    @property
+    def decode_memory(self) -> PoolStats | None:
+        """The pools' counters of the decode steps alone."""
+        if self.memory is None or self.prefill_memory is None:
+            return None
+        return self.memory - self.prefill_memory
 
     @property
     def prefill_tokens_per_second(self) -> float:
@@ -33,6 +41,8 @@ class GenerationStats:
         out["decode_tokens_per_second"] = self.decode_tokens_per_second
         if self.memory is not None:
             out["memory"]["hit_rate"] = self.memory.hit_rate
+        if self.decode_memory is not None:
+            out["decode_memory"] = {**asdict(self.decode_memory), "hit_rate": self.decode_memory.hit_rate}
         return out
 
     def summary(self) -> str:

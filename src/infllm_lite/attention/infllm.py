@@ -26,7 +26,7 @@ their representative vectors ``block_repr`` (B, N, H·d) stay here.
 
 A model call is cut into execution chunks of ``exc_block_size`` queries. For a chunk the
 layer (1) stores the chunk's keys, (2) selects the blocks (all if few, else top-k of
-``q̄ · repr``) and makes them resident in the pool, (3) attends through
+``q̄ · repr``, :mod:`infllm_lite.kernels.block_relevance`) and makes them resident in the pool, (3) attends through
 :func:`.flex_joint.joint_attention_flex` (local keys at their true RoPE positions, far
 keys with the query at ``n_local - 1``, one softmax), (4) adds the local probabilities to
 the tail's scores, (5) forms every block that left the window, vectorised over blocks.
@@ -49,6 +49,8 @@ import torch.nn.functional as F
 
 from ..config import ModelArgs
 from ..errors import InfLLMLiteError
+from ..kernels.block_relevance import select_blocks
+from ..kernels.representative_scores import representative_scores
 from ..memory import BlockPool, PoolStats
 from ..memory_config import MemoryConfig, n_formed_blocks
 from ..models.rope import RotaryEmbedding, apply_rope
@@ -181,7 +183,7 @@ class InfLLMLayerAttention(LayerAttention):
         pool_k = self.pool.slot_k  # (B, Hkv, n_pool, bs, d) float32 view
         index = slots[:, None, :, None, None].expand(B, Hkv, slots.shape[1], bs, d)
         keys = pool_k.gather(2, index).flatten(2, 3)  # (B, Hkv, k·bs, d)
-        logits = q_far.view(B, Hkv, G * T, d) @ keys.transpose(-1, -2) / d ** 0.5  # (B, Hkv, G·T, k·bs)
+        logits = q_far.reshape(B, Hkv, G * T, d) @ keys.transpose(-1, -2) / d ** 0.5  # (B, Hkv, G·T, k·bs)
         p = (logits - lse.reshape(B, Hkv, G * T, 1)).exp()
         per_slot = p.sum(dim=2).unflatten(-1, (slots.shape[1], bs)).sum(dim=(1, 3))  # (B, k)
         return torch.zeros(self.state.n_pool, device=q_far.device).index_add_(0, slots.flatten(),
@@ -189,15 +191,7 @@ class InfLLMLayerAttention(LayerAttention):
 
     def _select(self, q_far: torch.Tensor) -> torch.Tensor | None:
         """(B, k) indices of the blocks this chunk attends (SPEC §6); None if none."""
-        topk, n = self.cfg.topk, self.n_blocks
-        if n == 0 or topk == 0:
-            return None
-        B = q_far.shape[0]
-        if n <= topk:
-            return torch.arange(n, device=q_far.device).expand(B, n)
-        q_mean = q_far.mean(dim=2).reshape(B, 1, -1)  # (B, 1, H·d)
-        scores = (q_mean @ self.block_repr[:, :n].transpose(1, 2)).squeeze(1)  # (B, n)
-        return scores.topk(topk, dim=-1).indices
+        return select_blocks(q_far, self.block_repr, self.n_blocks, self.cfg.topk)
 
     def _form_blocks(self, e: int) -> None:
         """Form every block that has left the window (SPEC §3), all at once."""
@@ -257,6 +251,9 @@ class InfLLMState(AttentionState):
         self.config, self.batch_size, self.dtype = config, batch_size, dtype
         self.device = torch.device(device)
         self.kernel = kernel
+        # representative scores of chunks by the kernel (Triton on CUDA) instead of the
+        # swapped flex call (on by default on CUDA only; tests turn it on for the CPU too)
+        self.representative_kernel = self.device.type == "cuda"
         self.length = 0
         self.record = False
         self.group = args.n_heads // args.n_kv_heads
@@ -280,8 +277,11 @@ class InfLLMState(AttentionState):
         if self.kernel == "torch":
             return joint_attention_dense(q_loc, q_far, k_self, k_rot, k_raw, v, masks, far_pos, far_lists,
                                          n_local)
+        # on CUDA the representative scores come from the Triton kernel; on the CPU the
+        # swapped flex call computes them (compiled, it is the faster there)
+        scores = representative_scores if self.representative_kernel else None
         return joint_attention_flex(q_loc, q_far, k_self, k_rot, k_raw, v, masks, far_pos, far_lists,
-                                    n_local, compiled=self.kernel == "flex")
+                                    n_local, compiled=self.kernel == "flex", scores=scores)
 
     def stats(self) -> PoolStats:
         """The block pools' counters added up over the layers."""

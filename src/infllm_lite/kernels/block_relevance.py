@@ -89,7 +89,7 @@ def block_scores(q_mean: torch.Tensor, block_repr: torch.Tensor, n_blocks: int) 
 
     q_mean (B, D) any float dtype; block_repr (B, N_cap, D) a capacity buffer whose first
     n_blocks rows are valid. Accumulated in float32."""
-    if triton is not None and q_mean.is_cuda and block_repr.is_cuda:
+    if on_triton(q_mean, block_repr):
         return block_scores_triton(q_mean, block_repr, n_blocks)
     return block_scores_torch(q_mean, block_repr, n_blocks)
 

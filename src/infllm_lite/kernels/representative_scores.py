@@ -146,6 +146,6 @@ def representative_scores(q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor,
     q (B, H, T, d) and k (B, Hkv, S, d) already rotated, H = G·Hkv (head h reads kv head
     h // G); q_pos (T,), k_pos (S,) absolute positions; lse (B, H, T) the queries' full
     attention log-sum-exp. Triton on CUDA when available, else torch."""
-    if triton is not None and all(t.is_cuda for t in (q, k, q_pos, k_pos, lse)):
+    if on_triton(q, k, q_pos, k_pos, lse):
         return representative_scores_triton(q, k, q_pos, k_pos, lse, n_local)
     return representative_scores_torch(q, k, q_pos, k_pos, lse, n_local)

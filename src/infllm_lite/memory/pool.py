@@ -72,6 +72,12 @@ class PoolStats:
         """Counters of several pools (e.g. all layers) added up."""
         return PoolStats(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
 
+    def __sub__(self, other: "PoolStats") -> "PoolStats":
+        """What happened between two snapshots (the block counts are the later ones')."""
+        counts = {"blocks", "blocks_fast", "blocks_host", "blocks_disk"}
+        return PoolStats(**{f.name: getattr(self, f.name) - (0 if f.name in counts else getattr(other, f.name))
+                            for f in fields(self)})
+
     @property
     def hit_rate(self) -> float:
         """Share of selected blocks found resident (0 before any selection)."""

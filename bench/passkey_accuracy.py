@@ -86,7 +86,10 @@ def parse_args(argv=None):
     p.add_argument("--full-max-length", type=int, default=16384,
                    help="skip full attention above this many tokens (default 16384)")
     p.add_argument("--model", default=None, help="model source (default: the embedded model)")
-    p.add_argument("--out", type=Path, default=None, help="write the JSON report here")
+    p.add_argument("--out", type=Path, default=None,
+                   help="write the JSON report here (rewritten after every sample)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the samples already in --out and run only the missing ones")
     args = p.parse_args(argv)
     args.lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
     args.modes = [x.strip() for x in args.modes.split(",") if x.strip()]
@@ -115,6 +118,11 @@ def main(argv=None) -> dict:
             if (mode, n) not in skipped]
 
     results = []
+    if args.resume and args.out is not None and args.out.is_file():
+        results = json.loads(args.out.read_text())["results"]  # finished samples are kept
+        done = {(r["length"], r["seed"], r["mode"]) for r in results}
+        runs = [(n, i, mode) for n, i, mode in runs if (n, sample_seed(args.seed, n, i), mode) not in done]
+        print(f"resuming: {len(results)} samples already in {args.out}, {len(runs)} to run", file=sys.stderr)
     built = None  # (length, depth index): the sample every mode reads in turn
     bar = tqdm(runs, desc="passkey", unit="sample")
     for n, i, mode in bar:
@@ -130,7 +138,29 @@ def main(argv=None) -> dict:
                             needle_token=sample.needle_token, key=sample.key, prediction=prediction,
                             correct=score_passkey(prediction, sample.key), seconds=round(seconds, 2),
                             prefill_tokens_per_s=round(prefill_tps, 1)))
+        if args.out is not None:  # after every sample: an interrupted run loses nothing (--resume)
+            write_report(args.out, report_of(args, model, memory, depth_list, skipped, results, argv,
+                                             partial=True))
     bar.close()
+    report = report_of(args, model, memory, depth_list, skipped, results, argv, partial=False)
+    print(report["table"])
+    for (mode, n), reason in skipped.items():
+        print(f"{mode} at {n} tokens: skipped: {reason}")
+    if args.out is not None:
+        write_report(args.out, report)
+        print(f"wrote {args.out}")
+    return report
+
+
+def write_report(path: Path, report: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(report, indent=1) + "\n")
+    tmp.replace(path)  # atomic: a kill mid-write leaves the previous report
+
+
+def report_of(args, model, memory, depth_list, skipped, results, argv, partial: bool) -> dict:
+    """The JSON report of the samples so far (``partial``: the run has not finished)."""
 
     accuracy = {mode: {} for mode in args.modes}
     for mode in args.modes:
@@ -141,11 +171,8 @@ def main(argv=None) -> dict:
                                                     if cell else None),
                                           skipped=skipped.get((mode, n)))
     table = markdown_table(accuracy, args.lengths, args.modes)
-    print(table)
-    for (mode, n), reason in skipped.items():
-        print(f"{mode} at {n} tokens: skipped: {reason}")
-
-    report = dict(
+    return dict(
+        partial=partial,
         command="python " + " ".join([sys.argv[0]] + (sys.argv[1:] if argv is None else list(argv))),
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         model=args.model or "embedded SmolLM2-135M-Instruct",
@@ -162,11 +189,6 @@ def main(argv=None) -> dict:
         skipped=[dict(mode=m, length=n, reason=r) for (m, n), r in skipped.items()],
         results=results,
     )
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=1) + "\n")
-        print(f"wrote {args.out}")
-    return report
 
 
 if __name__ == "__main__":

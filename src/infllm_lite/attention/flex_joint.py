@@ -61,6 +61,7 @@ class ChunkMasks:
     sw_pos: torch.Tensor  # (G·T + 1,) the swapped call's keys: the queries G times, sentinel
     local_end: int  # slots [0, local_end) are the only ones that can be local
     q_tiles: tuple[torch.Tensor, ...]  # per query tile: min, max valid position, any invalid
+    k_tiles: tuple[torch.Tensor, ...]  # the same per slot tile (pool slots EMPTY: invalid)
     local: tuple[torch.Tensor, ...]  # (partial counts (1, 1, Qt), indices (1, 1, Qt, Kt), full …)
     swapped: tuple[torch.Tensor, ...]  # slots [0, local_end) as queries: (1, 1, Lt, ·)
 
@@ -138,16 +139,28 @@ def chunk_masks(q_pos: torch.Tensor, k_pos: torch.Tensor, n_local: int, group: i
     swapped = (s_hi[None, :] - l_lo[:, None] >= 0) & (s_lo[None, :] - l_hi[:, None] < n_local)
     swapped_full = (~l_bad[:, None] & ~s_bad[None, :] & (s_lo[None, :] - l_hi[:, None] >= 0)
                     & (s_hi[None, :] - l_lo[:, None] < n_local))
-    return ChunkMasks(q_pos, k_pos, sw_pos, local_end, q_tiles,
+    return ChunkMasks(q_pos, k_pos, sw_pos, local_end, q_tiles, k_tiles,
                       _tile_lists(local[None], local_full[None], sentinel_tile),
                       _tile_lists(swapped[None], swapped_full[None], (sw_pos.shape[0] - 1) // FLEX_BLOCK))
 
 
-def far_tiles(masks: ChunkMasks, far_pos: torch.Tensor, n_local: int) -> tuple[torch.Tensor, ...]:
-    """The far call's tile lists (B, 1, Qt, ·) for one layer, whose slot positions
-    ``far_pos`` (B, S) mark the pool slots of each sequence's selected blocks ``FAR``."""
-    sentinel_tile = (far_pos.shape[-1] - 1) // FLEX_BLOCK
-    return _far_lists(masks.q_tiles, _slot_ranges(far_pos), n_local, sentinel_tile)
+def far_tiles(masks: ChunkMasks, pool_far: torch.Tensor, pool_slot: int, n_local: int) -> tuple[torch.Tensor, ...]:
+    """The far call's tile lists (B, 1, Qt, ·) for one layer: ``pool_far`` (B, P) marks
+    the pool slots ``[pool_slot, pool_slot + P)`` (``pool_slot`` on a tile boundary) that
+    hold a block the sequence selected. Only the pool's tiles are computed here; the
+    tiles before them come from the chunk's ``k_tiles`` (measured 0.2 -> 0.05 ms a call)."""
+    if pool_slot % FLEX_BLOCK:
+        raise ValueError(f"pool_slot {pool_slot} must be a multiple of {FLEX_BLOCK}")
+    B, P = pool_far.shape
+    S = masks.k_pos.shape[0]
+    t0, n_tiles = pool_slot // FLEX_BLOCK, -(-S // FLEX_BLOCK)
+    flags = F.pad(pool_far, (0, (n_tiles - t0) * FLEX_BLOCK - P)).view(B, n_tiles - t0, FLEX_BLOCK)
+    some, every = flags.any(dim=-1), flags.all(dim=-1)  # (B, pool tiles); the sentinel counts as not far
+    lo, hi, bad = (t[:t0].expand(B, -1) for t in masks.k_tiles)
+    k_tiles = (torch.cat([lo, torch.where(some, FAR, _BIG)], dim=1),
+               torch.cat([hi, torch.where(some, FAR, -_BIG)], dim=1),
+               torch.cat([bad, ~every], dim=1))
+    return _far_lists(masks.q_tiles, k_tiles, n_local, (S - 1) // FLEX_BLOCK)
 
 
 def joint_attention_flex(q_loc: torch.Tensor, q_far: torch.Tensor, k_self: torch.Tensor,

@@ -127,8 +127,8 @@ class InfLLMLayerAttention(LayerAttention):
         selected = self._select(q_far[:, :, :T])  # (B, n_selected) or None
         far_pos, far_lists, union = geo.far_pos, geo.far_lists, None
         if selected is not None:
-            union, union_slots, slots, far_pos = self._make_resident(selected, geo.far_pos)
-            far_lists = far_tiles(geo.masks, far_pos, self.cfg.n_local)
+            union, union_slots, slots, far_pos, pool_far = self._make_resident(selected, geo.far_pos)
+            far_lists = far_tiles(geo.masks, pool_far, state.pool_slot, self.cfg.n_local)
         out, sums, lse = state.attention(q_loc, q_far, F.pad(k_rot, (0, 0, 0, pad)), self.k_rot, self.k_raw,
                                          self.v, geo.masks, far_pos, far_lists, self.cfg.n_local)
         used = e - self.tail_start  # the tail holds positions [tail_start, e)
@@ -161,7 +161,8 @@ class InfLLMLayerAttention(LayerAttention):
     def _make_resident(self, selected: torch.Tensor, base_pos: torch.Tensor):
         """Load the selected blocks (B, k) into pool slots (the union over the batch) and
         mark each sequence's in the far call's slot positions. Returns the union (U,), its
-        slots (U,), the selection's slots (B, k) and the positions (B, S)."""
+        slots (U,), the selection's slots (B, k), the positions (B, S) and the pool slots
+        each sequence sees far (B, n_pool·block)."""
         state, bs = self.state, self.cfg.block_size
         union = selected.unique() if selected.shape[0] > 1 else selected[0]  # (U,)
         union_slots = self.pool.ensure_resident(union)  # (U,) page-table lookup, loads the misses
@@ -170,9 +171,10 @@ class InfLLMLayerAttention(LayerAttention):
         slots = lookup[selected]  # (B, k)
         chosen = torch.zeros(selected.shape[0], state.n_pool, dtype=torch.bool, device=selected.device)
         chosen.scatter_(1, slots, True)
+        pool_far = chosen.repeat_interleave(bs, dim=1)  # (B, n_pool·bs)
         far_pos = base_pos.clone()
-        far_pos[:, state.pool_slot:state.pool_end] = torch.where(chosen.repeat_interleave(bs, dim=1), FAR, EMPTY)
-        return union, union_slots, slots, far_pos
+        far_pos[:, state.pool_slot:state.pool_end] = torch.where(pool_far, FAR, EMPTY)
+        return union, union_slots, slots, far_pos, pool_far
 
     def _slot_mass(self, q_far, lse, slots) -> torch.Tensor:
         """Attention mass each pool slot received in this chunk (``lru-s``): the joint
@@ -314,6 +316,8 @@ class InfLLMState(AttentionState):
         k_pos[self.tail_slot:self.tail_slot + used] = torch.arange(tail_start, tail_start + used, device=device)
         masks = chunk_masks(q_pos, k_pos, cfg.n_local, self.group, self.local_end)
         far_pos = k_pos.expand(self.batch_size, -1)
+        none_far = torch.zeros(self.batch_size, self.pool_end - self.pool_slot, dtype=torch.bool, device=device)
         self._geometry_key = key
-        self._geometry = ChunkGeometry(padded, cos, sin, masks, far_pos, far_tiles(masks, far_pos, cfg.n_local))
+        self._geometry = ChunkGeometry(padded, cos, sin, masks, far_pos,
+                                       far_tiles(masks, none_far, self.pool_slot, cfg.n_local))
         return self._geometry

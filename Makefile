@@ -22,7 +22,7 @@ demo: $(STAMP)
 	$(VENV)/bin/infllm-lite demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=12
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -6,3 +6,9 @@ from .passkey import (PASSKEY, NeedleSample, NeedleTask, PasskeySample, first_in
 
 __all__ = ["PASSKEY", "NeedleSample", "NeedleTask", "PasskeySample", "first_int",
            "make_needle_sample", "make_passkey_sample", "score_passkey"]
+
+from .datasets import load_infinitebench, load_longbench, load_official
+from .tasks import TASKS, build_prompt, get_task, truncate_ids
+
+__all__ += ["TASKS", "build_prompt", "get_task", "load_infinitebench", "load_longbench",
+            "load_official", "truncate_ids"]

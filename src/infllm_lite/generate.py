@@ -18,15 +18,17 @@ from .stats import GenerationStats
 from .tokenizer import Tokenizer
 
 
-def encode_prompt(tokenizer: Tokenizer, prompt: str | Sequence[dict]) -> list[int]:
+def encode_prompt(tokenizer: Tokenizer, prompt: str | Sequence[dict] | Sequence[int]) -> list[int]:
     """A string is encoded as is (with the tokenizer's special tokens, e.g. BOS); a list of
-    chat messages goes through the checkpoint's chat template."""
+    chat messages goes through the checkpoint's chat template; token ids are used as given."""
     if isinstance(prompt, str):
         if not prompt.strip():
             raise InfLLMLiteError("the prompt is empty")
         return tokenizer.encode(prompt)
     if not prompt:
         raise InfLLMLiteError("the prompt is empty (no chat messages)")
+    if all(isinstance(t, int) for t in prompt):
+        return list(prompt)
     text = tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True)
     return tokenizer.encode(text, add_special_tokens=False)
 
@@ -173,14 +175,15 @@ def _stream_text(tokenizer, token_ids: Iterator[int], stop: Sequence[str]) -> It
         yield rest
 
 
-def generate(model: Transformer, tokenizer: Tokenizer, prompt: str | Sequence[dict], *,
+def generate(model: Transformer, tokenizer: Tokenizer, prompt: str | Sequence[dict] | Sequence[int], *,
              max_new_tokens: int = 256, attention: str = "full", temperature: float = 0.0,
              top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
              stop: str | Sequence[str] | None = None, stream: bool = False,
              memory: MemoryConfig | None = None, chunk_size: int | None = None,
              compile: bool = False, progress: bool = False, attention_kernel: str = "flex",
              return_stats: bool = False):
-    """Continue ``prompt`` (a string, or chat messages rendered with the chat template).
+    """Continue ``prompt``: a string, chat messages (rendered with the chat template) or
+    token ids.
 
     Returns the generated text, or with ``stream=True`` an iterator of text pieces whose
     concatenation is that text. Stops at ``max_new_tokens``, at an end-of-sequence or

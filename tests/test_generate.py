@@ -38,6 +38,14 @@ def test_chat_messages_go_through_the_template(tokenizer):
     assert tokenizer.decode(ids).endswith("<|im_start|>assistant\n")
 
 
+def test_token_ids_are_used_as_given(tiny):
+    model, tok = tiny
+    ids = encode_prompt(tok, "Once upon a time")
+    assert encode_prompt(tok, ids) == ids and encode_prompt(tok, tuple(ids)) == ids
+    assert generate(model, tok, ids, max_new_tokens=8) == generate(model, tok, "Once upon a time",
+                                                                   max_new_tokens=8)
+
+
 def test_stop_string_cuts_before_its_first_occurrence(tiny):
     model, tok = tiny
     full = generate(model, tok, "Once upon a time", max_new_tokens=40)

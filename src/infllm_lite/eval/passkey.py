@@ -18,11 +18,11 @@ line (the first sentences of the five).
 from __future__ import annotations
 
 import random
-import re
 from dataclasses import dataclass
 
 from ..errors import InfLLMLiteError
 from ..tokenizer import Tokenizer
+from .metrics import first_int
 
 NOISE_SENTENCES = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.",
                    "There and back again.")
@@ -190,13 +190,6 @@ class _NoiseSizer:
         if lo > 0 and target - self.noise_tokens(lo - 1) <= self.noise_tokens(lo) - target:
             return lo - 1
         return lo
-
-
-def first_int(prediction: str) -> str:
-    """The first run of ASCII digits in ``prediction`` ("" when there is none), InfiniteBench's
-    ``first_int_match``."""
-    match = re.search(r"[0-9]+", prediction)
-    return match.group(0) if match else ""
 
 
 def score_passkey(prediction: str, key: str) -> bool:

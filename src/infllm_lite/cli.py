@@ -47,6 +47,14 @@ def _add_generation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention", default="full", metavar="MODE",
                    help="full (default), streaming or infllm; infllm reads inputs far beyond the model's window")
     p.add_argument("--chunk-size", type=int, default=None, help="prefill tokens per model call (default 8192)")
+    _add_memory_options(p)
+    p.add_argument("--compile", action="store_true",
+                   help="compile the whole decode step with torch.compile (full attention only)")
+    p.add_argument("--stats", action="store_true",
+                   help="print speed and memory-tier counters to stderr when done")
+
+
+def _add_memory_options(p: argparse.ArgumentParser) -> None:
     m = p.add_argument_group("memory (streaming and infllm; default: suited to the model's native window)")
     for name, meaning in (("n-init", "initial (sink) tokens"), ("n-local", "local window in tokens"),
                           ("block-size", "tokens per memory block"), ("topk", "blocks retrieved per chunk"),
@@ -62,10 +70,13 @@ def _add_generation_options(p: argparse.ArgumentParser) -> None:
     m.add_argument("--attention-kernel", default="flex", choices=("flex", "flex-eager", "torch"),
                    help="how infllm computes attention: flex (compiled FlexAttention, default), "
                         "flex-eager, or torch (plain, every logit materialised: for debugging)")
-    p.add_argument("--compile", action="store_true",
-                   help="compile the whole decode step with torch.compile (full attention only)")
-    p.add_argument("--stats", action="store_true",
-                   help="print speed and memory-tier counters to stderr when done")
+
+
+def _memory_config(args, model):
+    """The MemoryConfig the memory options ask for (None: the model's default)."""
+    from .memory_config import MemoryConfig
+    overrides = {k: getattr(args, k) for k in MEMORY_OPTIONS if getattr(args, k) is not None}
+    return MemoryConfig.for_model(model.args, **overrides) if overrides else None
 
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -131,7 +142,70 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--question", metavar="TEXT", default=None,
                    help="instead of the haystack, ask a short question and stream the answer")
     _add_model_options(d)
+
+    e = sub.add_parser(
+        "eval", help="evaluate on InfiniteBench / LongBench tasks, generated or official",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="\n\n".join(textwrap.fill(paragraph, 88) for paragraph in (
+            "Answer every sample greedily in each attention mode and score it with the task's "
+            "official metric. passkey, number_string and kv_retrieval are generated here at "
+            "--lengths tokens (needle depths evenly spaced); the other tasks read the official "
+            "jsonl files from --data-dir (or the Hugging Face hub), and a length is then a "
+            "truncation limit.",
+            "Predictions are appended to OUT/predictions.jsonl as they come: run the same "
+            "command again to resume. OUT also gets summary.json, summary.md and PNG plots.")))
+    e.add_argument("--task", required=True, metavar="T[,T...]",
+                   help="tasks, comma-separated (e.g. passkey,number_string,kv_retrieval,narrativeqa)")
+    e.add_argument("--attention", default="infllm,streaming,full", metavar="MODES",
+                   help="attention modes, comma-separated (default infllm,streaming,full)")
+    e.add_argument("--lengths", default=None, metavar="N[,N...]",
+                   help="prompt lengths in tokens, e.g. 4k,8k,16k,32k (generated tasks: required)")
+    e.add_argument("--samples", type=int, default=10, metavar="N",
+                   help="samples per task and length (default 10; 0 = every official record)")
+    e.add_argument("--seed", type=int, default=0, help="seed of the generated samples (default 0)")
+    e.add_argument("--data-dir", default=None, metavar="DIR", help="folder of the official jsonl files")
+    e.add_argument("--out", default="eval_out", metavar="DIR", help="output folder (default eval_out)")
+    e.add_argument("--max-len", action="append", default=None, metavar="[MODE=]N|none",
+                   help="truncate prompts above N tokens, the reference's way (the first 128 and "
+                        "the last ones); default: full attention to the model's native window, "
+                        "infllm and streaming unlimited (repeatable, e.g. --max-len full=none)")
+    e.add_argument("--chunk-size", type=int, default=None, help="prefill tokens per model call")
+    e.add_argument("--no-plots", action="store_true", help="write no PNG plots")
+    _add_memory_options(e)
+    _add_model_options(e)
     return parser
+
+
+def parse_lengths(text: str) -> list[int]:
+    """'4k,8K,16384' -> [4096, 8192, 16384]."""
+    out = []
+    for part in text.split(","):
+        part = part.strip().lower()
+        if not part:
+            continue
+        scale = 1024 if part.endswith("k") else 1
+        try:
+            value = int(part[:-1] if scale > 1 else part) * scale
+        except ValueError:
+            raise InfLLMLiteError(f"{part!r} is not a length in tokens (e.g. 4k, 8192)") from None
+        if value < 1:
+            raise InfLLMLiteError(f"lengths must be positive, got {part!r}")
+        out.append(value)
+    if not out:
+        raise InfLLMLiteError("--lengths names no length")
+    return out
+
+
+def parse_max_len(values: list[str] | None, modes: list[str]) -> dict:
+    """['full=none', '16k'] -> {'full': None, <every other mode>: 16384}."""
+    limits = {}
+    for value in values or []:
+        mode, _, limit = value.rpartition("=")
+        targets = [mode] if mode else modes
+        number = None if limit.strip().lower() == "none" else parse_lengths(limit)[0]
+        for m in targets:
+            limits[m] = number
+    return limits
 
 
 def _read_prompt(args) -> str:
@@ -175,9 +249,7 @@ def cmd_generate(args) -> None:
     if args.chat:
         messages = [{"role": "system", "content": args.system}] if args.system else []
         prompt = messages + [{"role": "user", "content": prompt}]
-    from .memory_config import MemoryConfig
-    overrides = {k: getattr(args, k) for k in MEMORY_OPTIONS if getattr(args, k) is not None}
-    memory = MemoryConfig.for_model(model.args, **overrides) if overrides else None
+    memory = _memory_config(args, model)
     pieces, stats = generate(model, tokenizer, prompt, max_new_tokens=args.max_new_tokens, memory=memory,
                              attention=args.attention, temperature=args.temperature, top_p=args.top_p,
                              top_k=args.top_k, seed=args.seed, stop=args.stop, stream=True,
@@ -341,7 +413,23 @@ def _minutes(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
 
 
-COMMANDS = {"generate": cmd_generate, "convert": cmd_convert, "demo": cmd_demo}
+def cmd_eval(args) -> None:
+    from .eval.runner import EvalPlan, run_eval
+    modes = [m.strip() for m in args.attention.split(",") if m.strip()]
+    plan = EvalPlan(tasks=[t.strip() for t in args.task.split(",") if t.strip()], modes=modes,
+                    lengths=parse_lengths(args.lengths) if args.lengths else None,
+                    samples=args.samples or None, seed=args.seed, data_dir=args.data_dir,
+                    max_len=parse_max_len(args.max_len, modes), chunk_size=args.chunk_size,
+                    attention_kernel=args.attention_kernel)
+    plan.check()  # before loading the model
+    model, tokenizer = _load(args)
+    plan.memory = _memory_config(args, model)
+    summary = run_eval(model, tokenizer, plan, args.out, plots=not args.no_plots)
+    print(summary["table"])
+    print(f"wrote {Path(args.out) / 'summary.md'}, summary.json and predictions.jsonl")
+
+
+COMMANDS = {"generate": cmd_generate, "convert": cmd_convert, "demo": cmd_demo, "eval": cmd_eval}
 
 
 def main(argv: list[str] | None = None) -> int:

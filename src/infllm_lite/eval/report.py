@@ -1,0 +1,178 @@
+"""An evaluation's report: scores per task × length × mode (``summary.json``), a markdown
+table per task (``summary.md``), and PNG plots: score against length per mode
+(``score_vs_length.png``) and, for the generated needle tasks, depth × length heatmaps
+(``{task}_depth_heatmap.png``)."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from .synthetic import SYNTHETIC_TASKS
+
+
+def _cell_key(r: dict) -> tuple:
+    return r["task"], r["length"], r["mode"]
+
+
+def summarize(records: list[dict], plan, model_args=None) -> dict:
+    """Mean score (0–100) and speed per task, length and mode, over the plan's cells."""
+    from .runner import plan_dict
+
+    lengths = plan.lengths or [None]
+    by_cell = defaultdict(list)
+    for r in records:
+        by_cell[_cell_key(r)].append(r)
+    cells = []
+    for task in plan.tasks:
+        for length in lengths:
+            for mode in plan.modes:
+                rs = by_cell.get((task, length, mode), [])
+                cells.append(dict(
+                    task=task, length=length, mode=mode, n=len(rs),
+                    score=round(100 * statistics.fmean(r["score"] for r in rs), 2) if rs else None,
+                    truncated=sum(r["truncated"] for r in rs),
+                    prefill_tokens_per_s=(round(statistics.median(r["prefill_tokens_per_s"] for r in rs), 1)
+                                          if rs else None)))
+    return dict(
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        command=" ".join(["infllm-lite" if sys.argv[0].endswith("infllm-lite") else sys.argv[0]]
+                         + sys.argv[1:]),
+        plan=plan_dict(plan),
+        model=(dict(native_window=model_args.max_position_embeddings, layers=model_args.n_layers,
+                    hidden=model_args.dim) if model_args is not None else None),
+        environment=dict(torch=torch.__version__, python=platform.python_version(),
+                         machine=platform.machine(), threads=torch.get_num_threads()),
+        cells=cells,
+        table=markdown_tables(cells, plan.tasks, lengths, plan.modes),
+    )
+
+
+def _length_label(length: int | None) -> str:
+    if length is None:
+        return "whole"
+    return f"{length // 1024}K" if length % 1024 == 0 else str(length)
+
+
+def markdown_tables(cells: list[dict], tasks: list[str], lengths: list, modes: list[str]) -> str:
+    """One table per task: modes down, lengths across, "score (n)" in each cell."""
+    index = {(c["task"], c["length"], c["mode"]): c for c in cells}
+    parts = []
+    for task in tasks:
+        lines = [f"**{task}**", "",
+                 "| mode | " + " | ".join(_length_label(n) for n in lengths) + " |",
+                 "|---|" + "---:|" * len(lengths)]
+        for mode in modes:
+            row = []
+            for n in lengths:
+                c = index[(task, n, mode)]
+                if c["n"] == 0:
+                    row.append("–")
+                else:
+                    mark = "†" if c["truncated"] else ""
+                    row.append(f"{c['score']:.0f}{mark} ({c['n']})")
+            lines.append(f"| {mode} | " + " | ".join(row) + " |")
+        parts.append("\n".join(lines))
+    note = ("Score 0–100 (the task's official metric, mean over samples), samples in brackets; "
+            "† some prompts were truncated to the mode's limit (first 128 tokens and the last ones).")
+    return "\n\n".join(parts) + "\n\n" + note + "\n"
+
+
+def write_report(out: Path, summary: dict, records: list[dict], *, plots: bool = True) -> list[Path]:
+    """Write summary.json, summary.md and (with matplotlib) the plots; return the paths."""
+    written = [out / "summary.json", out / "summary.md"]
+    _write_atomic(written[0], json.dumps(summary, indent=1) + "\n")
+    _write_atomic(written[1], f"# Evaluation\n\nCommand: `{summary['command']}`\n\n{summary['table']}")
+    if plots:
+        try:
+            import matplotlib
+        except ImportError:
+            print("matplotlib is not installed: no plots (pip install matplotlib)", file=sys.stderr)
+            return written
+        matplotlib.use("Agg")
+        written += plot_scores(out, summary)
+        written += plot_depth_heatmaps(out, summary, records)
+    return written
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def plot_scores(out: Path, summary: dict) -> list[Path]:
+    """Score against prompt length, one panel per task, one line per attention mode."""
+    import matplotlib.pyplot as plt
+
+    plan = summary["plan"]
+    lengths = [n for n in (plan["lengths"] or []) if n is not None]
+    if not lengths:
+        return []
+    tasks = plan["tasks"]
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for mode in plan["modes"]:
+            points = [(c["length"], c["score"]) for c in summary["cells"]
+                      if c["task"] == task and c["mode"] == mode and c["score"] is not None]
+            if points:
+                xs, ys = zip(*points)
+                ax.plot(xs, ys, marker="o", label=mode)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(lengths, [_length_label(n) for n in lengths])
+        ax.set_ylim(-3, 103)
+        ax.set_title(task)
+        ax.set_xlabel("prompt tokens" if task in SYNTHETIC_TASKS else "truncation limit (tokens)")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("score")
+    axes[0][-1].legend(loc="best")
+    fig.tight_layout()
+    path = out / "score_vs_length.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+
+def plot_depth_heatmaps(out: Path, summary: dict, records: list[dict]) -> list[Path]:
+    """For each generated task: needle depth × length, one panel per mode, the mean score."""
+    import matplotlib.pyplot as plt
+
+    plan = summary["plan"]
+    written = []
+    for task in (t for t in plan["tasks"] if t in SYNTHETIC_TASKS):
+        rs = [r for r in records if r["task"] == task and "depth" in r]
+        if not rs:
+            continue
+        lengths = sorted({r["length"] for r in rs})
+        depth_list = sorted({r["depth"] for r in rs})
+        modes = [m for m in plan["modes"] if any(r["mode"] == m for r in rs)]
+        fig, axes = plt.subplots(1, len(modes), figsize=(1.2 + 1.1 * len(lengths) * len(modes), 4.2),
+                                 squeeze=False)
+        for ax, mode in zip(axes[0], modes):
+            grid = [[float("nan")] * len(lengths) for _ in depth_list]
+            cell = defaultdict(list)
+            for r in rs:
+                if r["mode"] == mode:
+                    cell[(depth_list.index(r["depth"]), lengths.index(r["length"]))].append(r["score"])
+            for (i, j), scores in cell.items():
+                grid[i][j] = 100 * statistics.fmean(scores)
+            image = ax.imshow(grid, vmin=0, vmax=100, cmap="RdYlGn", aspect="auto")
+            ax.set_xticks(range(len(lengths)), [_length_label(n) for n in lengths])
+            ax.set_yticks(range(len(depth_list)), [f"{d:.0%}" for d in depth_list])
+            ax.set_title(mode)
+            ax.set_xlabel("prompt tokens")
+        axes[0][0].set_ylabel("needle depth")
+        fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="score")
+        fig.suptitle(f"{task}: score by needle depth and length")
+        path = out / f"{task}_depth_heatmap.png"
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        written.append(path)
+    return written

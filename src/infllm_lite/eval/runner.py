@@ -1,0 +1,255 @@
+"""Run an evaluation: every task × length × sample × attention mode, greedy, one prediction a
+line in ``predictions.jsonl`` (appended as it goes, so a run resumes where it stopped), then
+``summary.json``, ``summary.md`` and the plots.
+
+    from infllm_lite.eval import EvalPlan, run_eval
+    plan = EvalPlan(tasks=["passkey"], modes=["infllm", "full"], lengths=[4096, 8192], samples=10)
+    summary = run_eval(model, tokenizer, plan, out_dir="eval_out")
+
+Generated tasks (:data:`SYNTHETIC_TASKS`) are built at each length with ``samples`` needle
+depths evenly spaced in [0.05, 0.95]; official tasks read their jsonl files (the first
+``samples`` records), and a length there is a truncation limit. Prompts longer than a
+mode's limit are truncated the reference's way (:func:`truncate_ids`): by default full
+attention keeps to the model's native window, as the reference's baselines do, and the
+memory modes read everything.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from tqdm.auto import tqdm
+
+from ..errors import InfLLMLiteError
+from ..generate import generate
+from ..memory_config import MemoryConfig
+from .datasets import load_official
+from .metrics import first_line, score
+from .sample import EvalSample, TaskSpec
+from .synthetic import SYNTHETIC_TASKS, make_synthetic_sample
+from .tasks import TRUNCATION_PREFIX, get_task, truncate_ids
+
+MODES = ("infllm", "streaming", "full")
+PREDICTIONS = "predictions.jsonl"
+
+
+@dataclass
+class EvalPlan:
+    """What to run. ``lengths``: prompt tokens of generated tasks, truncation limits of
+    official ones (None: official prompts whole; required for generated tasks).
+    ``max_len``: a truncation limit per mode; a mode not in it gets the default (full
+    attention: the model's native window; infllm and streaming: none)."""
+
+    tasks: list[str]
+    modes: list[str] = field(default_factory=lambda: list(MODES))
+    lengths: list[int] | None = None
+    samples: int | None = 10  # per task and length (None: every record of official data)
+    seed: int = 0
+    data_dir: str | None = None
+    max_len: dict[str, int | None] = field(default_factory=dict)
+    memory: MemoryConfig | None = None  # infllm and streaming (default: MemoryConfig.for_model)
+    chunk_size: int | None = None
+    attention_kernel: str = "flex"  # how infllm computes attention (see generate_ids)
+
+    def check(self) -> None:
+        """Raise InfLLMLiteError on a bad plan, before any work."""
+        if not self.tasks:
+            raise InfLLMLiteError("no tasks given")
+        for task in self.tasks:
+            get_task(task)
+        bad = [m for m in self.modes if m not in MODES]
+        if bad or not self.modes:
+            raise InfLLMLiteError(f"unknown attention modes {bad}; choose among {', '.join(MODES)}")
+        if self.lengths is not None and (not self.lengths or min(self.lengths) < 1):
+            raise InfLLMLiteError(f"lengths must be positive token counts, got {self.lengths}")
+        generated = [t for t in self.tasks if t in SYNTHETIC_TASKS]
+        if generated and not self.lengths:
+            raise InfLLMLiteError(f"generated tasks ({', '.join(generated)}) need lengths (e.g. "
+                                  "--lengths 4k,8k)")
+        if self.samples is not None and self.samples < 1:
+            raise InfLLMLiteError(f"samples must be at least 1, got {self.samples}")
+        if generated and self.samples is None:
+            raise InfLLMLiteError("generated tasks need a number of samples per length")
+        for mode, limit in self.max_len.items():
+            if mode not in MODES or (limit is not None and limit < 1):
+                raise InfLLMLiteError(f"bad truncation limit {mode}={limit}")
+        for task in self.tasks:  # a truncated prompt keeps 128 ids, then room for the rest
+            spec = get_task(task)
+            limits = [v for v in self.max_len.values() if v is not None]
+            if task not in SYNTHETIC_TASKS:
+                limits += self.lengths or []
+            for limit in limits:
+                if limit - spec.max_new_tokens <= TRUNCATION_PREFIX:
+                    raise InfLLMLiteError(
+                        f"a limit of {limit} tokens is too small for {task}: a truncated prompt "
+                        f"keeps its first {TRUNCATION_PREFIX} tokens and leaves room for "
+                        f"{spec.max_new_tokens} new ones; use more than "
+                        f"{TRUNCATION_PREFIX + spec.max_new_tokens}")
+
+
+def depths(n: int) -> list[float]:
+    """``n`` needle depths evenly spaced in [0.05, 0.95] (0.5 alone for one)."""
+    if n == 1:
+        return [0.5]
+    return [round(0.05 + 0.9 * i / (n - 1), 4) for i in range(n)]
+
+
+def sample_seed(seed: int, length: int, depth_index: int) -> int:
+    """The seed of a generated sample: distinct per length and depth, the same for every mode
+    and task (so passkey and number_string at one cell share their haystack's layout)."""
+    return seed * 1_000_003 + length * 101 + depth_index
+
+
+def iter_samples(plan: EvalPlan, tokenizer, task: str, length: int | None) -> Iterator[EvalSample]:
+    """The samples of one task at one length (generated lazily: a 32K prompt takes a while)."""
+    if task in SYNTHETIC_TASKS:
+        for i, depth in enumerate(depths(plan.samples)):
+            yield make_synthetic_sample(task, tokenizer, length, depth, sample_seed(plan.seed, length, i))
+        return
+    records = load_official(task, plan.data_dir)
+    yield from records[:plan.samples] if plan.samples is not None else records
+
+
+def prompt_ids(tokenizer, spec: TaskSpec, sample: EvalSample) -> list[int]:
+    """The sample's prompt as token ids: the chat template around it, or the raw text."""
+    if spec.chat:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": sample.prompt}],
+                                             add_generation_prompt=True)
+        return tokenizer.encode(text, add_special_tokens=False)
+    return tokenizer.encode(sample.prompt)
+
+
+def limit_for(plan: EvalPlan, mode: str, length: int | None, native: int,
+              task: str) -> int | None:
+    """Tokens a prompt may have in ``mode`` (None: no limit)."""
+    limit = plan.max_len[mode] if mode in plan.max_len else (native if mode == "full" else None)
+    if length is not None and task not in SYNTHETIC_TASKS:  # an official task's length is a limit
+        limit = length if limit is None else min(limit, length)
+    return limit
+
+
+def predict(model, tokenizer, spec: TaskSpec, ids: list[int], mode: str, plan: EvalPlan) -> tuple[str, dict]:
+    """Greedy answer to ``ids`` and what the run measured."""
+    memory = None if mode == "full" else (plan.memory or MemoryConfig.for_model(model.args))
+    text, stats = generate(model, tokenizer, ids, max_new_tokens=spec.max_new_tokens, attention=mode,
+                           stop=list(spec.stop), memory=memory, chunk_size=plan.chunk_size,
+                           attention_kernel=plan.attention_kernel, return_stats=True)
+    return text, dict(prefill_seconds=round(stats.prefill_seconds, 3),
+                      prefill_tokens_per_s=round(stats.prefill_tokens_per_second, 1),
+                      new_tokens=stats.new_tokens,
+                      decode_tokens_per_s=round(stats.decode_tokens_per_second, 2))
+
+
+def record_key(task: str, length: int | None, mode: str, sample_id: str) -> tuple:
+    return task, length, mode, str(sample_id)
+
+
+def read_predictions(path: Path) -> list[dict]:
+    """The predictions already written (a torn last line from a killed run is dropped)."""
+    if not path.is_file():
+        return []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    records = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break  # interrupted mid-write: that sample runs again
+            raise InfLLMLiteError(f"{path}: line {i + 1} is not JSON; remove it or start a new "
+                                  "output directory") from None
+    return records
+
+
+def run_eval(model, tokenizer, plan: EvalPlan, out_dir: str | Path, *, progress: bool = True,
+             plots: bool = True) -> dict:
+    """Run ``plan`` (skipping predictions already in ``out_dir``), write the summary, the
+    markdown table and the plots there, and return the summary."""
+    from .report import summarize, write_report
+
+    plan.check()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / PREDICTIONS
+    _check_settings(out, plan, model)
+    records = read_predictions(path)
+    if path.is_file() and not path.read_bytes().endswith(b"\n") and path.stat().st_size:
+        # killed mid-line: rewrite the whole records so new lines append cleanly
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records),
+                        encoding="utf-8")
+    done = {record_key(r["task"], r["length"], r["mode"], r["id"]) for r in records}
+    native = model.args.max_position_embeddings
+    lengths = plan.lengths or [None]
+    n_runs = sum(len(plan.modes) * (plan.samples or 0) for t in plan.tasks for _ in lengths)
+    bar = tqdm(total=n_runs or None, desc="eval", unit="answer", disable=not progress)
+    bar.update(sum(1 for r in records if r["task"] in plan.tasks and r["mode"] in plan.modes
+                   and r["length"] in lengths))
+    with path.open("a", encoding="utf-8") as sink:
+        for length in lengths:  # shortest first: an interrupted run has every task's short cells
+            for task in plan.tasks:
+                spec = get_task(task)
+                for sample in iter_samples(plan, tokenizer, task, length):
+                    todo = [m for m in plan.modes if record_key(task, length, m, sample.id) not in done]
+                    if not todo:
+                        continue
+                    ids = prompt_ids(tokenizer, spec, sample)
+                    for mode in todo:
+                        bar.set_postfix(task=task, length=length, mode=mode)
+                        limit = limit_for(plan, mode, length, native, task)
+                        used = ids if limit is None else truncate_ids(ids, limit, spec.max_new_tokens)
+                        prediction, measured = predict(model, tokenizer, spec, used, mode, plan)
+                        scored = first_line(prediction) if spec.first_line else prediction
+                        record = dict(task=task, length=length, mode=mode, id=sample.id,
+                                      score=score(task, scored, sample.answers,
+                                                  all_classes=sample.meta.get("all_classes")),
+                                      prediction=prediction, answers=list(sample.answers),
+                                      prompt_tokens=len(ids), read_tokens=len(used),
+                                      truncated=len(used) < len(ids), **measured,
+                                      **{k: v for k, v in sample.meta.items()
+                                         if k in ("depth", "seed", "needle_token")})
+                        sink.write(json.dumps(record, ensure_ascii=False) + "\n")
+                        sink.flush()
+                        records.append(record)
+                        done.add(record_key(task, length, mode, sample.id))
+                        bar.update(1)
+    bar.close()
+    summary = summarize(records, plan, model_args=model.args)
+    write_report(out, summary, records, plots=plots)
+    return summary
+
+
+SETTINGS = "settings.json"
+
+
+def _check_settings(out: Path, plan: EvalPlan, model) -> None:
+    """Record what the predictions depend on (beyond which tasks, modes, lengths and samples
+    run); refuse to add to predictions made with other settings."""
+    memory = plan.memory or MemoryConfig.for_model(model.args)
+    settings = dict(seed=plan.seed, memory=memory.to_dict(), max_len=plan.max_len,
+                    chunk_size=plan.chunk_size, attention_kernel=plan.attention_kernel,
+                    native_window=model.args.max_position_embeddings,
+                    layers=model.args.n_layers, hidden=model.args.dim, vocab=model.args.vocab_size)
+    settings = json.loads(json.dumps(settings))  # as it reads back (tuples become lists)
+    path = out / SETTINGS
+    if path.is_file():
+        before = json.loads(path.read_text(encoding="utf-8"))
+        changed = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
+        if changed:
+            raise InfLLMLiteError(
+                f"{out} holds predictions made with other settings ({', '.join(changed)} differ: "
+                f"{ {k: before.get(k) for k in changed} } there, { {k: settings.get(k) for k in changed} } "
+                "now); use another output folder")
+    else:
+        path.write_text(json.dumps(settings, indent=1) + "\n", encoding="utf-8")
+
+
+def plan_dict(plan: EvalPlan) -> dict:
+    """The plan as JSON (the memory config expanded)."""
+    d = asdict(plan)
+    d["memory"] = plan.memory.to_dict() if plan.memory is not None else None
+    return d

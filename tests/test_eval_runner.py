@@ -1,0 +1,174 @@
+"""The evaluation runner: predictions per task × length × mode × sample, resumable, with the
+reference's truncation, a summary, tables and plots; the ``infllm-lite eval`` command."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from infllm_lite.cli import main, parse_lengths, parse_max_len
+from infllm_lite.errors import InfLLMLiteError
+from infllm_lite.eval import runner
+from infllm_lite.eval.runner import PREDICTIONS, EvalPlan, run_eval
+from infllm_lite.memory_config import MemoryConfig
+
+FIXTURES = Path(__file__).parent / "fixtures"
+# small enough that 600-token prompts fill blocks, retrieve and drop tokens
+TINY_MEMORY = MemoryConfig(n_init=4, n_local=64, block_size=16, topk=2, exc_block_size=32,
+                           chunk_size=256, max_cached_blocks=4)
+
+
+def _plan(**kw):
+    base = dict(tasks=["passkey", "kv_retrieval"], modes=["infllm", "streaming", "full"],
+                lengths=[600], samples=2, memory=TINY_MEMORY, attention_kernel="torch")
+    base.update(kw)
+    return EvalPlan(**base)
+
+
+def _lines(out):
+    return [json.loads(line) for line in (out / PREDICTIONS).read_text().splitlines()]
+
+
+def test_runs_every_cell_and_writes_the_report(tiny, tmp_path):
+    model, tokenizer = tiny
+    summary = run_eval(model, tokenizer, _plan(max_len={"full": 400}), tmp_path, progress=False)
+    records = _lines(tmp_path)
+    assert len(records) == 2 * 2 * 3
+    assert {(r["task"], r["mode"]) for r in records} == {
+        (t, m) for t in ("passkey", "kv_retrieval") for m in ("infllm", "streaming", "full")}
+    for r in records:
+        assert 0.0 <= r["score"] <= 1.0 and r["depth"] in (0.05, 0.95)
+        assert abs(r["prompt_tokens"] - 600) <= 0.05 * 600
+        if r["mode"] == "full":  # truncated to the limit: first 128 and the last ones
+            assert r["truncated"] and r["read_tokens"] <= 400
+        else:
+            assert not r["truncated"] and r["read_tokens"] == r["prompt_tokens"]
+    # every mode read the same prompts
+    for task in ("passkey", "kv_retrieval"):
+        ids = {m: sorted(r["id"] for r in records if r["task"] == task and r["mode"] == m)
+               for m in ("infllm", "streaming", "full")}
+        assert ids["infllm"] == ids["streaming"] == ids["full"]
+    cells = {(c["task"], c["mode"]): c for c in summary["cells"]}
+    assert all(c["n"] == 2 and c["length"] == 600 for c in cells.values())
+    assert cells[("passkey", "full")]["truncated"] == 2
+    assert json.loads((tmp_path / "summary.json").read_text())["cells"] == summary["cells"]
+    table = (tmp_path / "summary.md").read_text()
+    assert "**passkey**" in table and "| infllm |" in table and "†" in table
+    for png in ("score_vs_length.png", "passkey_depth_heatmap.png", "kv_retrieval_depth_heatmap.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_resumes_without_redoing_work(tiny, tmp_path, monkeypatch):
+    model, tokenizer = tiny
+    plan = _plan(tasks=["passkey"], modes=["streaming", "full"])
+    run_eval(model, tokenizer, plan, tmp_path, progress=False, plots=False)
+    first = _lines(tmp_path)
+    assert len(first) == 4
+    # a killed run: the last answer lost, the one before it torn mid-line
+    lines = (tmp_path / PREDICTIONS).read_text().splitlines()
+    (tmp_path / PREDICTIONS).write_text("\n".join(lines[:2]) + "\n" + lines[2][:25])
+    calls = []
+    real = runner.predict
+
+    def counting(*args, **kw):
+        calls.append(args[4])  # the mode
+        return real(*args, **kw)
+
+    monkeypatch.setattr(runner, "predict", counting)
+    run_eval(model, tokenizer, plan, tmp_path, progress=False, plots=False)
+    assert len(calls) == 2
+    again = _lines(tmp_path)
+    assert len(again) == 4
+    timings = ("prefill_seconds", "prefill_tokens_per_s", "decode_tokens_per_s")
+
+    def answers(records):
+        return sorted(json.dumps({k: v for k, v in r.items() if k not in timings}, sort_keys=True)
+                      for r in records)
+
+    assert answers(again) == answers(first)  # the same predictions, each once
+    # nothing left to do
+    run_eval(model, tokenizer, plan, tmp_path, progress=False, plots=False)
+    assert len(calls) == 2
+    # other settings do not mix with these predictions
+    other = _plan(tasks=["passkey"], modes=["streaming", "full"], seed=1)
+    with pytest.raises(InfLLMLiteError, match="seed"):
+        run_eval(model, tokenizer, other, tmp_path, progress=False, plots=False)
+
+
+def test_official_tasks_from_fixtures(tiny, tmp_path):
+    """Official jsonl files (LongBench and InfiniteBench layouts): chat and raw prompts, the
+    first-line rule, and a length as a truncation limit."""
+    model, tokenizer = tiny
+    plan = EvalPlan(tasks=["narrativeqa", "trec"], modes=["full"], lengths=None, samples=None,
+                    data_dir=str(FIXTURES))
+    summary = run_eval(model, tokenizer, plan, tmp_path, progress=False, plots=False)
+    records = _lines(tmp_path)
+    assert records and all(r["length"] is None for r in records)
+    assert {r["task"] for r in records} == {"narrativeqa", "trec"}
+    assert all(c["n"] >= 2 for c in summary["cells"])
+    limited = EvalPlan(tasks=["narrativeqa"], modes=["full"], lengths=[300], samples=1,
+                       data_dir=str(FIXTURES))
+    run_eval(model, tokenizer, limited, tmp_path / "limited", progress=False, plots=False)
+    (r,) = _lines(tmp_path / "limited")
+    assert r["length"] == 300 and r["read_tokens"] <= 300 - 128  # room for 128 new tokens
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(tasks=[]), "no tasks"),
+    (dict(tasks=["nosuchtask"]), "nosuchtask"),
+    (dict(modes=["dense"]), "modes"),
+    (dict(lengths=None), "need lengths"),
+    (dict(lengths=[0]), "positive"),
+    (dict(samples=0), "samples"),
+    (dict(max_len={"full": 0}), "truncation"),
+    (dict(max_len={"full": 150}), "too small for passkey"),  # 128 kept + 32 new
+    (dict(tasks=["narrativeqa"], lengths=[250]), "too small for narrativeqa"),
+])
+def test_bad_plans_fail_before_work(bad, match):
+    with pytest.raises(InfLLMLiteError, match=match):
+        _plan(**bad).check()
+
+
+def test_parse_lengths_and_limits():
+    assert parse_lengths("4k, 8K,16384") == [4096, 8192, 16384]
+    with pytest.raises(InfLLMLiteError, match="4q"):
+        parse_lengths("4q")
+    assert parse_max_len(["full=none", "16k"], ["infllm", "full"]) == {"full": 16384, "infllm": 16384}
+    assert parse_max_len(["16k", "full=none"], ["infllm", "full"]) == {"full": None, "infllm": 16384}
+
+
+def test_cli_eval(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "cli"
+    code = main(["eval", "--task", "number_string", "--lengths", "500", "--samples", "1",
+                 "--attention", "streaming,full", "--model", str(tiny_folder), "--out", str(out),
+                 "--n-local", "64", "--n-init", "4", "--no-plots"])
+    assert code == 0
+    captured = capsys.readouterr()
+    assert "**number_string**" in captured.out and "summary.md" in captured.out
+    assert len(_lines(out)) == 2
+    assert json.loads((out / "summary.json").read_text())["plan"]["memory"]["n_local"] == 64
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--task", "nosuch", "--lengths", "1k"], "nosuch"),
+    (["--task", "passkey"], "need lengths"),
+    (["--task", "passkey", "--lengths", "1k", "--attention", "dense"], "modes"),
+])
+def test_cli_eval_bad_input(tmp_path, capsys, argv, match):
+    # fails before loading any model (the model path does not exist)
+    code = main(["eval", *argv, "--model", str(tmp_path / "missing"), "--out", str(tmp_path)])
+    assert code == 1
+    assert match in capsys.readouterr().err
+
+
+def test_embedded_model_end_to_end(smollm, tmp_path):
+    """Two short generated passkey samples on the embedded model, InfLLM (compiled flex) and
+    full attention: both find the key at 1K tokens."""
+    model, tokenizer = smollm
+    plan = EvalPlan(tasks=["passkey"], modes=["infllm", "full"], lengths=[1024], samples=2)
+    summary = run_eval(model, tokenizer, plan, tmp_path, progress=False)
+    records = _lines(tmp_path)
+    assert len(records) == 4
+    for r in records:
+        assert r["score"] == 1.0, r
+    assert {c["score"] for c in summary["cells"]} == {100.0}

@@ -106,6 +106,11 @@ def test_official_tasks_from_fixtures(tiny, tmp_path):
     assert records and all(r["length"] is None for r in records)
     assert {r["task"] for r in records} == {"narrativeqa", "trec"}
     assert all(c["n"] >= 2 for c in summary["cells"])
+    official = EvalPlan(tasks=["passkey", "kv_retrieval"], modes=["full"], samples=1,
+                        data_dir=str(FIXTURES), official=True)
+    run_eval(model, tokenizer, official, tmp_path / "official", progress=False, plots=False)
+    assert [(r["task"], r["id"]) for r in _lines(tmp_path / "official")] == [
+        ("passkey", "0"), ("kv_retrieval", "0")]  # the fixtures' records, not generated ones
     limited = EvalPlan(tasks=["narrativeqa"], modes=["full"], lengths=[300], samples=1,
                        data_dir=str(FIXTURES))
     run_eval(model, tokenizer, limited, tmp_path / "limited", progress=False, plots=False)

@@ -5,6 +5,8 @@ import json
 import re
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from infllm_lite.errors import InfLLMLiteError
 from infllm_lite.eval.synthetic import SYNTHETIC_TASKS, kv_pairs, make_synthetic_sample
@@ -17,7 +19,7 @@ def _ids(tokenizer, sample):
 
 
 @pytest.mark.parametrize("task", SYNTHETIC_TASKS)
-@pytest.mark.parametrize("n_tokens", [2048, 4096, 12289])  # kv: 2% > half a pair (~35 tokens)
+@pytest.mark.parametrize("n_tokens", [4096, 12289])  # kv: 2% > one pair (~70 tokens) from 3.5K on
 def test_length_within_two_percent(tokenizer, task, n_tokens):
     for depth in (0.0, 0.5, 1.0):
         sample = make_synthetic_sample(task, tokenizer, n_tokens, depth, seed=5)
@@ -25,6 +27,16 @@ def test_length_within_two_percent(tokenizer, task, n_tokens):
         assert len(ids) == sample.meta["n_tokens"]
         assert abs(len(ids) - n_tokens) <= 0.02 * n_tokens
         assert sample.meta["length"] == n_tokens and sample.meta["depth"] == depth
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(task=st.sampled_from(SYNTHETIC_TASKS), n_tokens=st.integers(300, 3500),
+       depth=st.floats(0, 1), seed=st.integers(0, 10**6))
+def test_short_prompts_are_sized_too(tokenizer, task, n_tokens, depth, seed):
+    """Below 3.5K tokens a kv pair (~70 tokens) is more than 2%: within one pair there."""
+    sample = make_synthetic_sample(task, tokenizer, n_tokens, depth, seed)
+    error = abs(len(_ids(tokenizer, sample)) - n_tokens)
+    assert error <= max(0.02 * n_tokens, 80 if task == "kv_retrieval" else 0)
 
 
 @pytest.mark.parametrize("depth", [0.0, 0.25, 0.6, 1.0])

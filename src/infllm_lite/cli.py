@@ -170,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "the last ones); default: full attention to the model's native window, "
                         "infllm and streaming unlimited (repeatable, e.g. --max-len full=none)")
     e.add_argument("--chunk-size", type=int, default=None, help="prefill tokens per model call")
+    e.add_argument("--official", action="store_true",
+                   help="read passkey, number_string and kv_retrieval from the official files "
+                        "instead of generating them")
     e.add_argument("--no-plots", action="store_true", help="write no PNG plots")
     _add_memory_options(e)
     _add_model_options(e)
@@ -420,7 +423,7 @@ def cmd_eval(args) -> None:
                     lengths=parse_lengths(args.lengths) if args.lengths else None,
                     samples=args.samples or None, seed=args.seed, data_dir=args.data_dir,
                     max_len=parse_max_len(args.max_len, modes), chunk_size=args.chunk_size,
-                    attention_kernel=args.attention_kernel)
+                    attention_kernel=args.attention_kernel, official=args.official)
     plan.check()  # before loading the model
     model, tokenizer = _load(args)
     plan.memory = _memory_config(args, model)

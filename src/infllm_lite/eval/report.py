@@ -119,17 +119,18 @@ def plot_scores(out: Path, summary: dict) -> list[Path]:
     tasks = plan["tasks"]
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6), squeeze=False)
     for ax, task in zip(axes[0], tasks):
-        for mode in plan["modes"]:
+        for mode, style in zip(plan["modes"], ("o-", "s--", "^:")):
             points = [(c["length"], c["score"]) for c in summary["cells"]
                       if c["task"] == task and c["mode"] == mode and c["score"] is not None]
             if points:
                 xs, ys = zip(*points)
-                ax.plot(xs, ys, marker="o", label=mode)
+                ax.plot(xs, ys, style, label=mode, alpha=0.85)
         ax.set_xscale("log", base=2)
         ax.set_xticks(lengths, [_length_label(n) for n in lengths])
         ax.set_ylim(-3, 103)
         ax.set_title(task)
-        ax.set_xlabel("prompt tokens" if task in SYNTHETIC_TASKS else "truncation limit (tokens)")
+        generated = task in SYNTHETIC_TASKS and not plan.get("official")
+        ax.set_xlabel("prompt tokens" if generated else "truncation limit (tokens)")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("score")
     axes[0][-1].legend(loc="best")
@@ -146,15 +147,15 @@ def plot_depth_heatmaps(out: Path, summary: dict, records: list[dict]) -> list[P
 
     plan = summary["plan"]
     written = []
-    for task in (t for t in plan["tasks"] if t in SYNTHETIC_TASKS):
-        rs = [r for r in records if r["task"] == task and "depth" in r]
+    for task in plan["tasks"]:
+        rs = [r for r in records if r["task"] == task and "depth" in r]  # generated samples
         if not rs:
             continue
         lengths = sorted({r["length"] for r in rs})
         depth_list = sorted({r["depth"] for r in rs})
         modes = [m for m in plan["modes"] if any(r["mode"] == m for r in rs)]
-        fig, axes = plt.subplots(1, len(modes), figsize=(1.2 + 1.1 * len(lengths) * len(modes), 4.2),
-                                 squeeze=False)
+        fig, axes = plt.subplots(1, len(modes), figsize=(1.6 + 1.1 * len(lengths) * len(modes), 4.2),
+                                 squeeze=False, sharey=True)
         for ax, mode in zip(axes[0], modes):
             grid = [[float("nan")] * len(lengths) for _ in depth_list]
             cell = defaultdict(list)
@@ -164,6 +165,8 @@ def plot_depth_heatmaps(out: Path, summary: dict, records: list[dict]) -> list[P
             for (i, j), scores in cell.items():
                 grid[i][j] = 100 * statistics.fmean(scores)
             image = ax.imshow(grid, vmin=0, vmax=100, cmap="RdYlGn", aspect="auto")
+            for (i, j), scores in cell.items():
+                ax.text(j, i, f"{grid[i][j]:.0f}", ha="center", va="center", fontsize=8)
             ax.set_xticks(range(len(lengths)), [_length_label(n) for n in lengths])
             ax.set_yticks(range(len(depth_list)), [f"{d:.0%}" for d in depth_list])
             ax.set_title(mode)

@@ -6,9 +6,9 @@ line in ``predictions.jsonl`` (appended as it goes, so a run resumes where it st
     plan = EvalPlan(tasks=["passkey"], modes=["infllm", "full"], lengths=[4096, 8192], samples=10)
     summary = run_eval(model, tokenizer, plan, out_dir="eval_out")
 
-Generated tasks (:data:`SYNTHETIC_TASKS`) are built at each length with ``samples`` needle
-depths evenly spaced in [0.05, 0.95]; official tasks read their jsonl files (the first
-``samples`` records), and a length there is a truncation limit. Prompts longer than a
+Generated tasks (:data:`SYNTHETIC_TASKS`, unless ``official``) are built at each length with
+``samples`` needle depths evenly spaced in [0.05, 0.95]; official tasks read their jsonl
+files (the first ``samples`` records), and a length there is a truncation limit. Prompts longer than a
 mode's limit are truncated the reference's way (:func:`truncate_ids`): by default full
 attention keeps to the model's native window, as the reference's baselines do, and the
 memory modes read everything.
@@ -53,6 +53,11 @@ class EvalPlan:
     memory: MemoryConfig | None = None  # infllm and streaming (default: MemoryConfig.for_model)
     chunk_size: int | None = None
     attention_kernel: str = "flex"  # how infllm computes attention (see generate_ids)
+    official: bool = False  # passkey, number_string, kv_retrieval from the official files too
+
+    def generated(self, task: str) -> bool:
+        """Whether ``task``'s samples are generated here (else read from official files)."""
+        return task in SYNTHETIC_TASKS and not self.official
 
     def check(self) -> None:
         """Raise InfLLMLiteError on a bad plan, before any work."""
@@ -65,7 +70,7 @@ class EvalPlan:
             raise InfLLMLiteError(f"unknown attention modes {bad}; choose among {', '.join(MODES)}")
         if self.lengths is not None and (not self.lengths or min(self.lengths) < 1):
             raise InfLLMLiteError(f"lengths must be positive token counts, got {self.lengths}")
-        generated = [t for t in self.tasks if t in SYNTHETIC_TASKS]
+        generated = [t for t in self.tasks if self.generated(t)]
         if generated and not self.lengths:
             raise InfLLMLiteError(f"generated tasks ({', '.join(generated)}) need lengths (e.g. "
                                   "--lengths 4k,8k)")
@@ -79,7 +84,7 @@ class EvalPlan:
         for task in self.tasks:  # a truncated prompt keeps 128 ids, then room for the rest
             spec = get_task(task)
             limits = [v for v in self.max_len.values() if v is not None]
-            if task not in SYNTHETIC_TASKS:
+            if not self.generated(task):
                 limits += self.lengths or []
             for limit in limits:
                 if limit - spec.max_new_tokens <= TRUNCATION_PREFIX:
@@ -105,7 +110,7 @@ def sample_seed(seed: int, length: int, depth_index: int) -> int:
 
 def iter_samples(plan: EvalPlan, tokenizer, task: str, length: int | None) -> Iterator[EvalSample]:
     """The samples of one task at one length (generated lazily: a 32K prompt takes a while)."""
-    if task in SYNTHETIC_TASKS:
+    if plan.generated(task):
         for i, depth in enumerate(depths(plan.samples)):
             yield make_synthetic_sample(task, tokenizer, length, depth, sample_seed(plan.seed, length, i))
         return
@@ -126,7 +131,7 @@ def limit_for(plan: EvalPlan, mode: str, length: int | None, native: int,
               task: str) -> int | None:
     """Tokens a prompt may have in ``mode`` (None: no limit)."""
     limit = plan.max_len[mode] if mode in plan.max_len else (native if mode == "full" else None)
-    if length is not None and task not in SYNTHETIC_TASKS:  # an official task's length is a limit
+    if length is not None and not plan.generated(task):  # an official task's length is a limit
         limit = length if limit is None else min(limit, length)
     return limit
 

@@ -105,8 +105,8 @@ def _kv_content(pairs: list[tuple[str, str]], key: str) -> tuple[str, str]:
 
 
 def make_kv_sample(tokenizer: Tokenizer, n_tokens: int, depth: float, seed: int) -> EvalSample:
-    """A kv_retrieval prompt of ``n_tokens`` tokens (±2%, or ± half a pair's tokens if that
-    is more): as many UUID pairs as fit, the asked key the pair at ``depth`` of the object."""
+    """A kv_retrieval prompt of ``n_tokens`` tokens (±2%, or ± one pair's tokens, about 70,
+    if that is more): as many UUID pairs as fit, the asked key the pair at ``depth`` of the object."""
     if not isinstance(n_tokens, int) or n_tokens < 1:
         raise InfLLMLiteError(f"n_tokens must be a positive integer, got {n_tokens!r}")
     if not 0.0 <= depth <= 1.0:
@@ -135,8 +135,8 @@ def make_kv_sample(tokenizer: Tokenizer, n_tokens: int, depth: float, seed: int)
             break
         n_pairs -= step
     pairs, at, content, context, text, ids = best
-    # ±2%, or half a pair where a pair is more than that (prompts of a few hundred tokens)
-    if abs(len(ids) - n_tokens) > max(LENGTH_TOLERANCE * n_tokens, per_pair / 2):
+    # ±2%, or one pair where a pair is more than that (prompts under about 3,500 tokens)
+    if abs(len(ids) - n_tokens) > max(LENGTH_TOLERANCE * n_tokens, per_pair):
         raise InfLLMLiteError(f"n_tokens={n_tokens} is too small for a kv_retrieval prompt: one "
                               f"key-value pair and the question take {one} tokens"
                               if len(pairs) == 1 else

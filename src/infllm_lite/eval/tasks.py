@@ -39,6 +39,18 @@ LONGBENCH_TASKS = ("narrativeqa", "qasper", "multifieldqa_en", "hotpotqa", "2wik
                    "gov_report", "qmsum", "multi_news", "trec", "triviaqa", "samsum",
                    "passage_count", "passage_retrieval_en", "lcc", "repobench-p")
 
+# hotpotqa, 2wikimqa and musique share one template
+_MULTI_HOP_QA = (
+    "Answer the question based on the given passages. Only give me the answer and do not "
+    "output any other words.\n\n"
+    "The following are given passages.\n"
+    "{context}\n\n"
+    "Answer the question based on the given passages. Only give me the answer and do not "
+    "output any other words.\n\n"
+    "Question: {input}\n"
+    "Answer:"
+)
+
 # InfLLM benchmark/config/dataset2prompt.json
 TEMPLATES: dict[str, str] = {
     "passkey": (
@@ -138,36 +150,9 @@ TEMPLATES: dict[str, str] = {
         "Question: {input}\n"
         "Answer:"
     ),
-    "hotpotqa": (
-        "Answer the question based on the given passages. Only give me the answer and do not "
-        "output any other words.\n\n"
-        "The following are given passages.\n"
-        "{context}\n\n"
-        "Answer the question based on the given passages. Only give me the answer and do not "
-        "output any other words.\n\n"
-        "Question: {input}\n"
-        "Answer:"
-    ),
-    "2wikimqa": (
-        "Answer the question based on the given passages. Only give me the answer and do not "
-        "output any other words.\n\n"
-        "The following are given passages.\n"
-        "{context}\n\n"
-        "Answer the question based on the given passages. Only give me the answer and do not "
-        "output any other words.\n\n"
-        "Question: {input}\n"
-        "Answer:"
-    ),
-    "musique": (
-        "Answer the question based on the given passages. Only give me the answer and do not "
-        "output any other words.\n\n"
-        "The following are given passages.\n"
-        "{context}\n\n"
-        "Answer the question based on the given passages. Only give me the answer and do not "
-        "output any other words.\n\n"
-        "Question: {input}\n"
-        "Answer:"
-    ),
+    "hotpotqa": _MULTI_HOP_QA,
+    "2wikimqa": _MULTI_HOP_QA,
+    "musique": _MULTI_HOP_QA,
     "gov_report": (
         "You are given a report by a government agency. Write a one-page summary of the "
         "report.\n\n"

@@ -32,6 +32,23 @@ class LayerAttention:
         """
         raise NotImplementedError
 
+    def export(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """This layer's memory for a snapshot: tensors, and JSON-able host-side values."""
+        raise NotImplementedError
+
+    def restore(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        """Load :meth:`export`'s output into this fresh layer memory of the same config."""
+        raise NotImplementedError
+
+
+def copy_into(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
+    """``dst[...] = src`` for a snapshot restore, refusing a shape that does not fit."""
+    from ..errors import InfLLMLiteError
+    if tuple(src.shape) != tuple(dst.shape):
+        raise InfLLMLiteError(f"snapshot tensor {name} has shape {tuple(src.shape)}, this memory "
+                              f"needs {tuple(dst.shape)}")
+    dst.copy_(src)
+
 
 class AttentionState:
     """Attention memory of all layers for one generation."""
@@ -39,6 +56,29 @@ class AttentionState:
     layers: list[LayerAttention]
     length: int  # tokens consumed so far (host-side count, never read inside compiled code)
     device: torch.device
+
+    def export(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """Everything needed to continue this generation elsewhere: the layers' tensors
+        (``layers.{i}.{name}``) and a JSON-able dict (``length``, each layer's values)."""
+        tensors, layers = {}, []
+        for i, layer in enumerate(self.layers):
+            t, meta = layer.export()
+            tensors.update({f"layers.{i}.{name}": x for name, x in t.items()})
+            layers.append(meta)
+        return tensors, {"length": self.length, "layers": layers}
+
+    def restore(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        """Load :meth:`export`'s output into this fresh state (same mode, config and model)."""
+        from ..errors import InfLLMLiteError
+        if self.length:
+            raise InfLLMLiteError("restore needs a fresh attention memory (this one has read tokens)")
+        if len(meta["layers"]) != len(self.layers):
+            raise InfLLMLiteError(f"the snapshot has {len(meta['layers'])} layers, the model {len(self.layers)}")
+        for i, (layer, layer_meta) in enumerate(zip(self.layers, meta["layers"])):
+            prefix = f"layers.{i}."
+            layer.restore({k[len(prefix):]: x for k, x in tensors.items() if k.startswith(prefix)},
+                          layer_meta)
+        self.length = int(meta["length"])
 
     def positions(self, n_tokens: int) -> torch.Tensor:
         """(n_tokens,) absolute positions of the next tokens, as a device tensor."""

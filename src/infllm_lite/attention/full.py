@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from ..config import ModelArgs
 from ..errors import InfLLMLiteError
 from ..models.rope import apply_rope
-from .base import AttentionState, LayerAttention
+from .base import AttentionState, LayerAttention, copy_into
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -63,6 +63,19 @@ class FullLayerAttention(LayerAttention):
             return causal_attention(q, k, v, positions, positions)
         return causal_attention(q, self.k[:, :, first:end], self.v[:, :, first:end],
                                 positions, self.state.slots[first:end], self.window)
+
+
+    def export(self):
+        n = self.state.length
+        return {"k": self.k[:, :, :n], "v": self.v[:, :, :n]}, {}
+
+    def restore(self, tensors, meta):
+        n = tensors["k"].shape[2]
+        if n > self.k.shape[2]:
+            raise InfLLMLiteError(f"the snapshot holds {n} tokens, more than this KV cache's "
+                                  f"capacity of {self.k.shape[2]}")
+        copy_into(self.k[:, :, :n], tensors["k"], "k")
+        copy_into(self.v[:, :, :n], tensors["v"], "v")
 
 
 class FullAttentionState(AttentionState):

@@ -54,7 +54,7 @@ from ..kernels.representative_scores import representative_scores
 from ..memory import BlockPool, PoolStats
 from ..memory_config import MemoryConfig, n_formed_blocks
 from ..models.rope import RotaryEmbedding, apply_rope
-from .base import AttentionState, LayerAttention
+from .base import AttentionState, LayerAttention, copy_into
 from .flex_joint import (EMPTY, FAR, FLEX_BLOCK, PAD_QUERY, ChunkMasks, chunk_masks, far_tiles,
                          joint_attention_dense, joint_attention_flex)
 
@@ -112,6 +112,26 @@ class InfLLMLayerAttention(LayerAttention):
             b = min(a + self.cfg.exc_block_size, q.shape[-2])
             outs.append(self._chunk(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], start + a, start + b, rope))
         return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
+
+    def export(self):
+        n = self.n_blocks
+        tensors = {"k_rot": self.k_rot, "k_raw": self.k_raw, "v": self.v,
+                   "tail_scores": self.tail_scores, "block_repr": self.block_repr[:, :n]}
+        pool_tensors, pool_meta = self.pool.export()
+        tensors.update({f"pool.{name}": x for name, x in pool_tensors.items()})
+        return tensors, {"tail_start": self.tail_start, "n_blocks": n, "pool": pool_meta}
+
+    def restore(self, tensors, meta):
+        for name in ("k_rot", "k_raw", "v", "tail_scores"):  # the fast tier is in k_raw / v
+            copy_into(getattr(self, name), tensors[name], name)
+        n = int(meta["n_blocks"])
+        self._grow_repr(n)
+        copy_into(self.block_repr[:, :n], tensors["block_repr"], "block_repr")
+        self.pool.restore({k[5:]: x for k, x in tensors.items() if k.startswith("pool.")}, meta["pool"])
+        if self.pool.n_blocks != n:
+            raise InfLLMLiteError(f"the snapshot's pool holds {self.pool.n_blocks} blocks, its "
+                                  f"layer {n}")
+        self.n_blocks, self.tail_start = n, int(meta["tail_start"])
 
     # ------------------------------------------------------------------ one execution chunk
     def _chunk(self, q, k, v, s: int, e: int, rope: RotaryEmbedding) -> torch.Tensor:

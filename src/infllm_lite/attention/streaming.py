@@ -46,7 +46,7 @@ import torch
 from ..config import ModelArgs
 from ..memory_config import MemoryConfig
 from ..models.rope import RotaryEmbedding, apply_rope
-from .base import AttentionState, LayerAttention
+from .base import AttentionState, LayerAttention, copy_into
 
 
 @dataclass
@@ -138,6 +138,15 @@ class StreamingLayerAttention(LayerAttention):
             self.k_ring.index_copy_(2, plan.ring_index, k[:, :, plan.ring_src:])
             self.v_ring.index_copy_(2, plan.ring_index, v[:, :, plan.ring_src:])
         return out.reshape(B, H, T, d).to(q.dtype)
+
+
+    def export(self):
+        return {"k_sink": self.k_sink, "v_sink": self.v_sink, "k_ring": self.k_ring,
+                "v_ring": self.v_ring}, {}
+
+    def restore(self, tensors, meta):
+        for name in ("k_sink", "v_sink", "k_ring", "v_ring"):
+            copy_into(getattr(self, name), tensors[name], name)
 
 
 class StreamingState(AttentionState):

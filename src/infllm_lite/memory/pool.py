@@ -302,6 +302,49 @@ class BlockPool:
             out_v.index_copy_(2, pos, v.to(self.device).permute(1, 2, 0, 3, 4))
         return out_k, out_v
 
+    # ------------------------------------------------------------------ snapshots
+
+    def export(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """The pool's state for a snapshot: every block's K and V (n, B, Hkv, bs, d) on the
+        host, from host and disk (read whole: a snapshot holds all blocks), the ``lru-s``
+        values, and as JSON the page table, recency clock and counters. The fast tier's
+        contents are not included: they belong to the views' owner (``fast_k``/``fast_v``)."""
+        self._check_open()
+        stats = replace(self._stats)  # reading the disk for a snapshot is not the run's traffic
+        k, v = self._gather_slow(list(range(self.n_blocks)))
+        self._stats = stats
+        tensors = {"k": k, "v": v, "slot_score": self.slot_score.cpu()}
+        meta = {"block_of": list(self._block_of), "tick": list(self._tick), "clock": self._clock,
+                "stats": {f.name: getattr(stats, f.name) for f in fields(stats)}}
+        return tensors, meta
+
+    def restore(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        """Load :meth:`export`'s output into this new, empty pool of the same shape (the blocks
+        go to host and disk by this pool's ``max_host_bytes``; the fast tier's contents are
+        restored by the owner of its views)."""
+        self._check_open()
+        if self.n_blocks:
+            raise InfLLMLiteError("restore: the pool already holds blocks; restore into a new pool")
+        k, v = tensors["k"], tensors["v"]  # (n, B, Hkv, bs, d)
+        if k.dim() != 5 or tuple(k.shape[1:]) != self.block_shape or k.shape != v.shape:
+            raise InfLLMLiteError(f"restore: blocks of shape {tuple(k.shape)} do not fit this pool "
+                                  f"(n, {', '.join(map(str, self.block_shape))})")
+        if len(meta["block_of"]) != self.n_slots:
+            raise InfLLMLiteError(f"restore: {len(meta['block_of'])} fast-tier slots saved, this pool "
+                                  f"has {self.n_slots}")
+        if k.shape[0]:
+            self.append(k.to(self.dtype).permute(1, 2, 0, 3, 4), v.to(self.dtype).permute(1, 2, 0, 3, 4))
+        if any(b >= self.n_blocks for b in meta["block_of"]):
+            raise InfLLMLiteError("restore: the page table names blocks the snapshot lacks")
+        self._block_of = [int(b) for b in meta["block_of"]]
+        for slot, block in enumerate(self._block_of):
+            if block >= 0:
+                self._slot_of[block] = slot
+        self._tick = [int(t) for t in meta["tick"]]
+        self._clock = int(meta["clock"])
+        self.slot_score.copy_(tensors["slot_score"])
+        self._stats = PoolStats(**meta["stats"])
+
     # ------------------------------------------------------------------ bookkeeping
 
     def stats(self) -> PoolStats:

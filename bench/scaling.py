@@ -13,6 +13,9 @@ skipped, with the reason, when its estimated time (fitted on the mode's shorter 
 linear + quadratic in the length) exceeds ``--cell-seconds``. Modes run one after the
 other at each length, shortest first, so that ratios come from the same conditions.
 
+The roofline (float32 matmul peak, memory bandwidth: ``bench/roofline.py``) is measured
+first with the same threads; each cell reports the fraction of the peak its prefill
+reaches and of the bandwidth bound its decode reaches (the algorithm's FLOPs and bytes).
 Writes ``scaling.json``, ``scaling.md`` (the table README includes, with the issue's
 target ratios) and ``throughput_vs_length.png``, ``memory_vs_length.png`` to ``--out``.
 """
@@ -175,6 +178,12 @@ def main(argv=None) -> int:
         p.error(f"unknown modes {bad}; choose among {', '.join(MODES)}")
     lengths = sorted(parse_lengths(args.lengths))
     args.out.mkdir(parents=True, exist_ok=True)
+    sys.path.insert(0, str(Path(__file__).parent))
+    from roofline import embedded_args, measure_peaks
+    torch.set_num_threads(args.threads)
+    args.peaks = measure_peaks(embedded_args())  # the roofline, same threads as the cells
+    print(f"roofline: {args.peaks['peak_gflop_s']:.0f} GFLOP/s float32 matmul, "
+          f"{args.peaks['bandwidth_gb_s']:.1f} GB/s", file=sys.stderr)
     rows, skipped = [], []
     for length in lengths:
         for mode in modes:
@@ -202,6 +211,7 @@ def main(argv=None) -> int:
                 continue
             row = json.loads(proc.stdout.strip().splitlines()[-1])
             row["wall_s"] = time.perf_counter() - t
+            row["roofline"] = roofline_of(row, args.peaks)
             rows.append(row)
             print(f"{length:>7} {mode:>12}: prefill {row['prefill_tokens_per_s']:7.1f} tok/s, decode "
                   f"{row['decode_tokens_per_s']:5.1f} tok/s, peak RSS {row['peak_rss_bytes'] / 2**30:.2f} "
@@ -212,11 +222,21 @@ def main(argv=None) -> int:
     return 0
 
 
+def roofline_of(row: dict, peaks: dict) -> dict:
+    """The fraction of the matmul peak prefill reaches and of the bandwidth bound decode
+    reaches (transformers computes full attention)."""
+    from roofline import roofline
+    mode = "full" if row["mode"] == "transformers" else row["mode"]
+    return roofline(row["prefill_tokens_per_s"], row["decode_tokens_per_s"], row["length"], mode,
+                    peaks=peaks)
+
+
 def write(args, argv, rows, skipped, modes, lengths) -> dict:
     report = dict(
         command="python bench/scaling.py " + " ".join(sys.argv[1:] if argv is None else argv),
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        machine=machine(args.threads), new_tokens=args.new_tokens, runs=args.runs,
+        machine=machine(args.threads), roofline_peaks=args.peaks, new_tokens=args.new_tokens,
+        runs=args.runs,
         rows=rows, skipped=skipped, targets=targets(rows))
     report["table"] = markdown(rows, skipped, modes, lengths, report["targets"])
     (args.out / "scaling.json").write_text(json.dumps(report, indent=1) + "\n")
@@ -264,6 +284,15 @@ def targets(rows: list[dict]) -> list[dict]:
           "prefill_tokens_per_s", 1.2)
     ratio("full / transformers decode at 2K", _cell(rows, "full", 2048), _cell(rows, "transformers", 2048),
           "decode_tokens_per_s", 2.0)
+
+    def fraction(name, row, key, goal):
+        value = row["roofline"][key] if row is not None else None
+        out.append(dict(target=name, value=None if value is None else round(value, 3), goal=goal,
+                        met=None if value is None else value >= goal))
+
+    fraction("full decode at 2K / bandwidth bound", _cell(rows, "full", 2048), "decode_fraction", 0.7)
+    for mode in ("full", "infllm"):
+        fraction(f"{mode} prefill at 4K / matmul peak", _cell(rows, mode, 4096), "prefill_fraction", 0.4)
     return out
 
 
@@ -272,18 +301,22 @@ def _label(n: int) -> str:
 
 
 def markdown(rows, skipped, modes, lengths, goals) -> str:
-    lines = ["| context | mode | prefill tok/s | time to first token | decode tok/s | peak RSS | KV held | runs |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| context | mode | prefill tok/s | of matmul peak | time to first token | decode tok/s "
+             "| of bandwidth bound | peak RSS | KV held | runs |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for n in lengths:
         for mode in modes:
             r = _cell(rows, mode, n)
             if r is None:
                 s = next((s for s in skipped if s["mode"] == mode and s["length"] == n), None)
                 if s is not None:
-                    lines.append(f"| {_label(n)} | {mode} | skipped: {s['reason']} | | | | | |")
+                    lines.append(f"| {_label(n)} | {mode} | skipped: {s['reason']} | | | | | | | |")
                 continue
-            lines.append(f"| {_label(n)} | {mode} | {r['prefill_tokens_per_s']:.0f} | {r['ttft_s']:.1f} s "
-                         f"| {r['decode_tokens_per_s']:.1f} | {r['peak_rss_bytes'] / 2**30:.2f} GiB "
+            roof = r["roofline"]
+            lines.append(f"| {_label(n)} | {mode} | {r['prefill_tokens_per_s']:.0f} "
+                         f"| {roof['prefill_fraction']:.0%} | {r['ttft_s']:.1f} s "
+                         f"| {r['decode_tokens_per_s']:.1f} | {roof['decode_fraction']:.0%} "
+                         f"| {r['peak_rss_bytes'] / 2**30:.2f} GiB "
                          f"| {r['kv_bytes'] / 2**20:.0f} MiB | {r['runs']} |")
     lines += ["", "| target (same run) | measured | goal |", "|---|---:|---:|"]
     for g in goals:

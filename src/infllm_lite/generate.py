@@ -75,6 +75,35 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[int], *, max_new_token
                                stats if stats is not None else GenerationStats())
 
 
+def continue_ids(model: Transformer, state, new_ids: Sequence[int], *, max_new_tokens: int,
+                 sampling: dict, stop_token_ids: set[int] = frozenset(), chunk_size: int = 8192,
+                 progress: bool = False, stats: GenerationStats | None = None) -> Iterator[int]:
+    """Like :func:`generate_ids`, but on a memory that has already read earlier tokens (a
+    chat's): prefill ``new_ids`` after them, then decode. The state stays open and holds
+    every token fed to it (``state.length``); the last token sampled is not fed (nor a stop
+    token). ``sampling``: ``temperature``, ``top_p``, ``top_k``, ``generator``."""
+    if not new_ids:
+        raise InfLLMLiteError("nothing new to read")
+    param = next(model.parameters())
+    ids = torch.tensor([list(new_ids)], dtype=torch.long, device=param.device)  # (1, P)
+    return _run(model, state, ids, max_new_tokens, stop_token_ids, chunk_size, False, progress,
+                sampling, stats if stats is not None else GenerationStats())
+
+
+def read_ids(model: Transformer, state, ids: Sequence[int], *, chunk_size: int = 8192,
+             progress: bool = False, desc: str = "reading") -> None:
+    """Feed ``ids`` into the memory without generating (a document read before questions)."""
+    param = next(model.parameters())
+    x = torch.tensor([list(ids)], dtype=torch.long, device=param.device)  # (1, P)
+    bar = tqdm(total=x.shape[1], desc=desc, unit="tok", disable=not progress, leave=False)
+    with torch.inference_mode():
+        for start in range(0, x.shape[1], chunk_size):
+            chunk = x[:, start:start + chunk_size]
+            model(chunk, state, last_only=True)
+            bar.update(chunk.shape[1])
+    bar.close()
+
+
 def _prefill_and_decode(model, state, ids, max_new_tokens, stop_token_ids, chunk_size, compile,
                         progress, sampling, stats: GenerationStats) -> Iterator[int]:
     try:

@@ -5,6 +5,7 @@
     print(generate(model, tokenizer, [{"role": "user", "content": "Hi!"}]))
 """
 
+from .chat import ChatSession
 from .config import ModelArgs
 from .errors import InfLLMLiteError
 from .generate import generate, generate_ids
@@ -16,5 +17,5 @@ from .tokenizer import Tokenizer
 
 __version__ = "0.1.0"
 
-__all__ = ["GenerationStats", "InfLLMLiteError", "MemoryConfig", "ModelArgs", "memory_estimate", "Tokenizer", "Transformer", "generate", "generate_ids",
+__all__ = ["ChatSession", "GenerationStats", "InfLLMLiteError", "MemoryConfig", "ModelArgs", "memory_estimate", "Tokenizer", "Transformer", "generate", "generate_ids",
            "load_model", "__version__"]

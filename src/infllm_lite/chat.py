@@ -103,6 +103,11 @@ class ChatSession:
         the memory stays consistent and the partial answer is kept."""
         self._stop_requested = True
 
+    @property
+    def stopped(self) -> bool:
+        """Whether the last answer was ended by :meth:`stop`."""
+        return self._stop_requested
+
     def _answer(self, new: list[int], progress: bool) -> Iterator[str]:
         self._stop_requested = False
         self.last_stats = GenerationStats()

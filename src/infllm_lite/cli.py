@@ -97,6 +97,9 @@ MEMORY_OPTIONS = ("n_init", "n_local", "block_size", "topk", "max_cached_blocks"
                   "max_host_bytes", "offload_dir")
 
 
+HELP_LINE = "Inside: /reset, /save FILE, /load FILE, /stats, /help, /exit; Ctrl-C stops an answer."
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="infllm-lite",
@@ -142,6 +145,28 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--question", metavar="TEXT", default=None,
                    help="instead of the haystack, ask a short question and stream the answer")
     _add_model_options(d)
+
+    ch = sub.add_parser(
+        "chat", help="chat in the terminal; the whole conversation stays in the attention memory",
+        description="A terminal chat: answers stream token by token, each turn reads only its new "
+                    "tokens, /save and /load keep the memory across sessions. " + HELP_LINE)
+    ch.add_argument("--attention", default="infllm", choices=("infllm", "streaming", "full"),
+                    help="attention mode (default infllm: unbounded conversations)")
+    ch.add_argument("--system", metavar="TEXT", default=None, help="system message")
+    ch.add_argument("--file", metavar="DOC", type=Path, default=None,
+                    help="read this UTF-8 document into the memory first (questions follow)")
+    ch.add_argument("--load", metavar="FILE", type=Path, default=None,
+                    help="continue a conversation saved with /save")
+    ch.add_argument("--max-new-tokens", type=int, default=512, metavar="N",
+                    help="longest answer in tokens (default 512)")
+    ch.add_argument("--temperature", type=float, default=0.0, metavar="T",
+                    help="sampling temperature; 0 = greedy (default)")
+    ch.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0: off)")
+    ch.add_argument("--top-k", type=int, default=0, help="sample among the k best tokens (default 0: off)")
+    ch.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    ch.add_argument("--chunk-size", type=int, default=None, help=argparse.SUPPRESS)
+    _add_memory_options(ch)
+    _add_model_options(ch)
 
     e = sub.add_parser(
         "eval", help="evaluate on InfiniteBench / LongBench tasks, generated or official",
@@ -214,13 +239,16 @@ def parse_max_len(values: list[str] | None, modes: list[str]) -> dict:
 def _read_prompt(args) -> str:
     if args.prompt is not None:
         return args.prompt
-    path: Path = args.prompt_file
+    return _read_text(args.prompt_file, "prompt file")
+
+
+def _read_text(path: Path, what: str) -> str:
     if not path.is_file():
-        raise InfLLMLiteError(f"prompt file {path} does not exist")
+        raise InfLLMLiteError(f"{what} {path} does not exist")
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise InfLLMLiteError(f"prompt file {path} is not UTF-8 text (byte {e.start})") from e
+        raise InfLLMLiteError(f"{what} {path} is not UTF-8 text (byte {e.start})") from e
 
 
 def _load(args):
@@ -432,7 +460,27 @@ def cmd_eval(args) -> None:
     print(f"wrote {Path(args.out) / 'summary.md'}, summary.json and predictions.jsonl")
 
 
-COMMANDS = {"generate": cmd_generate, "convert": cmd_convert, "demo": cmd_demo, "eval": cmd_eval}
+def cmd_chat(args) -> None:
+    from .chat import ChatSession
+    from .chat_cli import run_chat
+    if args.file is not None:
+        document = _read_text(args.file, "document")
+    model, tokenizer = _load(args)
+    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                   top_k=args.top_k, seed=args.seed, kernel=args.attention_kernel)
+    if args.load is not None:
+        session = ChatSession.load(args.load, model, tokenizer, **options)
+        print(f"loaded {session.state.length} tokens and {len(session.messages)} messages from {args.load}")
+    else:
+        session = ChatSession(model, tokenizer, attention=args.attention, system=args.system,
+                              memory=_memory_config(args, model), **options)
+    if args.file is not None:
+        n = session.read(document, progress=True)
+        print(f"read {args.file} ({n} tokens)")
+    run_chat(session)
+
+
+COMMANDS = {"chat": cmd_chat, "generate": cmd_generate, "convert": cmd_convert, "demo": cmd_demo, "eval": cmd_eval}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,6 +4,7 @@ conversation, snapshots continue identically in this process and in a new one.""
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 
@@ -114,7 +115,7 @@ def test_full_attention_refuses_more_than_it_holds(tiny):
     chat.send("Hi")
 
 
-def test_refused_snapshots(tiny, tmp_path):
+def test_refused_snapshots(tiny, smollm, tmp_path):
     model, _ = tiny
     chat = _session(tiny)
     chat.send("Hi")
@@ -124,6 +125,10 @@ def test_refused_snapshots(tiny, tmp_path):
     with pytest.raises(InfLLMLiteError, match="not a chat"):
         ChatSession.load(tmp_path / "plain.snap", *tiny)
     path = chat.save(tmp_path / "chat.snap")
+    with pytest.raises(InfLLMLiteError, match="another model"):
+        ChatSession.load(path, *smollm)
+    with pytest.raises(InfLLMLiteError, match="another config"):
+        ChatSession.load(path, *tiny, memory=replace(MEMORY, topk=3))
     data = path.read_bytes()
     (tmp_path / "cut.snap").write_bytes(data[:-1000])
     with pytest.raises(InfLLMLiteError):

@@ -14,7 +14,7 @@ HELP = """commands:
   /reset        forget the conversation (the system message stays)
   /save FILE    save the memory and the conversation to FILE
   /load FILE    continue a conversation saved with /save
-  /stats        tokens in memory, blocks per tier, bytes held
+  /stats        tokens in memory, memory blocks per tier (all layers), bytes held
   /help         this list
   /exit         leave (Ctrl-D too); Ctrl-C stops an answer and keeps the conversation"""
 

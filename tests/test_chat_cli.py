@@ -11,7 +11,7 @@ import pytest
 PROMPT = "you> "
 
 
-def _spawn(tiny_folder, *extra, max_new_tokens=2000):
+def _spawn(tiny_folder, *extra, max_new_tokens=3000):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TERM="dumb")
     args = ["-m", "infllm_lite", "chat", "--model", str(tiny_folder), "--n-init", "4", "--n-local", "64",
             "--block-size", "16", "--topk", "2", "--attention-kernel", "torch",
@@ -48,9 +48,12 @@ def test_chat_session_in_a_terminal(tiny_folder, tmp_path):
     _command(child, "/nonsense", "unknown command /nonsense")
     _command(child, "/save", "error: /save needs a file name")
     _command(child, f"/load {tmp_path / 'missing.snap'}", "error: .*does not exist")
-    child.sendline("And a short one?")  # answers again after all that
+    child.sendline("And another one?")  # answers again after all that (and stops again)
     child.expect_exact("assistant> ")
-    child.expect_exact(PROMPT, timeout=300)
+    child.expect(r"\S{3}")
+    child.sendintr()
+    child.expect_exact("[stopped]")
+    child.expect_exact(PROMPT)
     _command(child, "/stats", r"messages: 4")
     child.sendline("/exit")
     child.expect(pexpect.EOF)

@@ -167,13 +167,13 @@ def test_cli_eval_bad_input(tmp_path, capsys, argv, match):
 
 
 def test_embedded_model_end_to_end(smollm, tmp_path):
-    """Two short generated passkey samples on the embedded model, InfLLM (compiled flex) and
-    full attention: both find the key at 1K tokens."""
+    """Two short generated passkey samples on the embedded model with InfLLM (compiled
+    flex): the key is found at both depths."""
     model, tokenizer = smollm
-    plan = EvalPlan(tasks=["passkey"], modes=["infllm", "full"], lengths=[1024], samples=2)
+    plan = EvalPlan(tasks=["passkey"], modes=["infllm"], lengths=[1024], samples=2)
     summary = run_eval(model, tokenizer, plan, tmp_path, progress=False)
     records = _lines(tmp_path)
-    assert len(records) == 4
+    assert len(records) == 2
     for r in records:
         assert r["score"] == 1.0, r
     assert {c["score"] for c in summary["cells"]} == {100.0}

@@ -378,19 +378,11 @@ def _demo_question(args) -> None:
 def _demo_run(model, tokenizer, prompt_ids, attention, chunk_size):
     """Greedy answer (16 tokens at most) with a prefill progress bar; returns the answer,
     the total seconds and the prefill speed (prompt tokens / time to the first new token)."""
-    from .generate import generate_ids
-    stop_ids = set(tokenizer.stop_token_ids) | set(model.args.eos_token_ids)
+    from .generate import generate
     start = time.perf_counter()
-    first = None
-    new_ids = []
-    for token_id in generate_ids(model, prompt_ids, max_new_tokens=16, attention=attention,
-                                 stop_token_ids=stop_ids, chunk_size=chunk_size, progress=True):
-        first = first or time.perf_counter()
-        new_ids.append(token_id)
-    end = time.perf_counter()
-    prefill = (first or end) - start
-    answer = tokenizer.decode(new_ids, skip_special_tokens=True).strip()
-    return answer, end - start, len(prompt_ids) / prefill
+    answer, stats = generate(model, tokenizer, prompt_ids, max_new_tokens=16, attention=attention,
+                             chunk_size=chunk_size, progress=True, return_stats=True)
+    return answer.strip(), time.perf_counter() - start, stats.prefill_tokens_per_second
 
 
 def _demo_report(answer, key, seconds, prefill_tps, score) -> None:

@@ -26,7 +26,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -232,10 +231,11 @@ def roofline_of(row: dict, peaks: dict) -> dict:
 
 
 def write(args, argv, rows, skipped, modes, lengths) -> dict:
+    from roofline import machine_info
     report = dict(
         command="python bench/scaling.py " + " ".join(sys.argv[1:] if argv is None else argv),
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        machine=machine(args.threads), roofline_peaks=args.peaks, new_tokens=args.new_tokens,
+        machine=machine_info(), roofline_peaks=args.peaks, new_tokens=args.new_tokens,
         runs=args.runs,
         rows=rows, skipped=skipped, targets=targets(rows))
     report["table"] = markdown(rows, skipped, modes, lengths, report["targets"])
@@ -243,19 +243,6 @@ def write(args, argv, rows, skipped, modes, lengths) -> dict:
     (args.out / "scaling.md").write_text(report["table"] + "\n")
     plot(args.out, rows, modes)
     return report
-
-
-def machine(threads: int) -> dict:
-    cpu = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return dict(platform=platform.platform(), cpu=cpu, cores=os.cpu_count(), threads=threads,
-                torch=torch.__version__, python=platform.python_version())
 
 
 def _cell(rows, mode, length):

@@ -34,14 +34,18 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                    help="compute dtype (default: float32 on the CPU, bfloat16 on GPUs)")
 
 
-def _add_generation_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=256, metavar="N",
-                   help="stop after N new tokens (default 256)")
+def _add_sampling_options(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, metavar="N",
+                   help=f"stop after N new tokens (default {max_new_tokens})")
     p.add_argument("--temperature", type=float, default=0.0, metavar="T",
                    help="sampling temperature; 0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0: off)")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k best tokens (default 0: off)")
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+
+
+def _add_generation_options(p: argparse.ArgumentParser) -> None:
+    _add_sampling_options(p, 256)
     p.add_argument("--stop", action="append", default=None, metavar="TEXT",
                    help="stop before this string (repeatable)")
     p.add_argument("--attention", default="full", metavar="MODE",
@@ -157,14 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="read this UTF-8 document into the memory first (questions follow)")
     ch.add_argument("--load", metavar="FILE", type=Path, default=None,
                     help="continue a conversation saved with /save")
-    ch.add_argument("--max-new-tokens", type=int, default=512, metavar="N",
-                    help="longest answer in tokens (default 512)")
-    ch.add_argument("--temperature", type=float, default=0.0, metavar="T",
-                    help="sampling temperature; 0 = greedy (default)")
-    ch.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0: off)")
-    ch.add_argument("--top-k", type=int, default=0, help="sample among the k best tokens (default 0: off)")
-    ch.add_argument("--seed", type=int, default=None, help="random seed for sampling")
-    ch.add_argument("--chunk-size", type=int, default=None, help=argparse.SUPPRESS)
+    _add_sampling_options(ch, 512)
     _add_memory_options(ch)
     _add_model_options(ch)
 

@@ -38,11 +38,14 @@ def build_model(args: ModelArgs, state_dict: dict[str, torch.Tensor], *,
             raise InfLLMLiteError(
                 f"weights do not match the config: tensor {name!r} has shape {tuple(given[name].shape)}, "
                 f"the config implies {tuple(param.shape)}")
-    model = model.to_empty(device=device)
-    if args.tie_word_embeddings:  # to_empty unties shared parameters
+    # The checkpoint's tensors become the parameters (cast or moved only when they differ
+    # from dtype/device): no second copy of the weights, so peak memory is one model.
+    weights = {name: given[name].to(device=device, dtype=dtype) for name in expected}
+    model.load_state_dict(weights, strict=False, assign=True)
+    if args.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            param.copy_(given[name])  # casts to dtype
-        model.rotary_emb = type(model.rotary_emb)(args).to(device)  # float32 buffer, rebuilt off meta
+    model.rotary_emb = type(model.rotary_emb)(args).to(device)  # float32 buffer, rebuilt off meta
+    still_meta = [name for name, t in model.state_dict().items() if t.is_meta]
+    if still_meta:
+        raise InfLLMLiteError(f"internal: tensors left unloaded: {still_meta[:4]}")
     return model.eval()

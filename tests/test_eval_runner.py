@@ -154,6 +154,21 @@ def test_cli_eval(tiny_folder, tmp_path, capsys):
     assert json.loads((out / "summary.json").read_text())["plan"]["memory"]["n_local"] == 64
 
 
+def test_cli_eval_missing_data_fails_before_loading_the_model(tmp_path, capsys, monkeypatch):
+    import huggingface_hub
+
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    loads = []
+    monkeypatch.setattr("infllm_lite.cli._load", lambda args: loads.append(args))
+    code = main(["eval", "--task", "narrativeqa", "--data-dir", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert code == 1 and not loads
+    err = capsys.readouterr().err
+    assert "narrativeqa" in err and "no network" in err
+
+
 @pytest.mark.parametrize("argv, match", [
     (["--task", "nosuch", "--lengths", "1k"], "nosuch"),
     (["--task", "passkey"], "need lengths"),

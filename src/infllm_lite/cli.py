@@ -441,7 +441,8 @@ def cmd_eval(args) -> None:
                     samples=args.samples or None, seed=args.seed, data_dir=args.data_dir,
                     max_len=parse_max_len(args.max_len, modes), chunk_size=args.chunk_size,
                     attention_kernel=args.attention_kernel, official=args.official)
-    plan.check()  # before loading the model
+    plan.check()  # before loading the model: bad options and missing data fail fast
+    plan.load_data()
     model, tokenizer = _load(args)
     plan.memory = _memory_config(args, model)
     summary = run_eval(model, tokenizer, plan, args.out, plots=not args.no_plots)

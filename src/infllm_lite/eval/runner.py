@@ -55,6 +55,14 @@ class EvalPlan:
     attention_kernel: str = "flex"  # how infllm computes attention (see generate_ids)
     official: bool = False  # passkey, number_string, kv_retrieval from the official files too
 
+    def load_data(self) -> dict[str, list[EvalSample]]:
+        """Read every official task's records now (a missing file fails before any model is
+        loaded); kept for the run."""
+        if not hasattr(self, "_records"):
+            self._records = {task: load_official(task, self.data_dir)
+                             for task in self.tasks if not self.generated(task)}
+        return self._records
+
     def generated(self, task: str) -> bool:
         """Whether ``task``'s samples are generated here (else read from official files)."""
         return task in SYNTHETIC_TASKS and not self.official
@@ -114,7 +122,7 @@ def iter_samples(plan: EvalPlan, tokenizer, task: str, length: int | None) -> It
         for i, depth in enumerate(depths(plan.samples)):
             yield make_synthetic_sample(task, tokenizer, length, depth, sample_seed(plan.seed, length, i))
         return
-    records = load_official(task, plan.data_dir)
+    records = plan.load_data()[task]
     yield from records[:plan.samples] if plan.samples is not None else records
 
 
@@ -178,6 +186,7 @@ def run_eval(model, tokenizer, plan: EvalPlan, out_dir: str | Path, *, progress:
     from .report import summarize, write_report
 
     plan.check()
+    plan.load_data()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / PREDICTIONS

@@ -89,6 +89,13 @@ def test_resumes_without_redoing_work(tiny, tmp_path, monkeypatch):
     # nothing left to do
     run_eval(model, tokenizer, plan, tmp_path, progress=False, plots=False)
     assert len(calls) == 2
+    # the report alone, from the predictions, through the CLI (no model loaded)
+    (tmp_path / "summary.json").unlink()
+    assert main(["eval", "--task", "passkey", "--lengths", "600", "--samples", "2", "--attention",
+                 "streaming,full", "--out", str(tmp_path), "--report-only", "--no-plots",
+                 "--model", str(tmp_path / "no-model-needed")]) == 0
+    cells = json.loads((tmp_path / "summary.json").read_text())["cells"]
+    assert [c["n"] for c in cells] == [2, 2]
     # other settings do not mix with these predictions
     other = _plan(tasks=["passkey"], modes=["streaming", "full"], seed=1)
     with pytest.raises(InfLLMLiteError, match="seed"):

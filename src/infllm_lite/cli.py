@@ -196,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="read passkey, number_string and kv_retrieval from the official files "
                         "instead of generating them")
     e.add_argument("--no-plots", action="store_true", help="write no PNG plots")
+    e.add_argument("--report-only", action="store_true",
+                   help="write the summary and plots from the predictions in --out, running nothing")
     _add_memory_options(e)
     _add_model_options(e)
     return parser
@@ -442,6 +444,10 @@ def cmd_eval(args) -> None:
                     max_len=parse_max_len(args.max_len, modes), chunk_size=args.chunk_size,
                     attention_kernel=args.attention_kernel, official=args.official)
     plan.check()  # before loading the model: bad options and missing data fail fast
+    if args.report_only:
+        from .eval.runner import report_only
+        print(report_only(plan, args.out, plots=not args.no_plots)["table"])
+        return
     plan.load_data()
     model, tokenizer = _load(args)
     plan.memory = _memory_config(args, model)

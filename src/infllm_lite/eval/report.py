@@ -22,8 +22,9 @@ def _cell_key(r: dict) -> tuple:
     return r["task"], r["length"], r["mode"]
 
 
-def summarize(records: list[dict], plan, model_args=None) -> dict:
-    """Mean score (0–100) and speed per task, length and mode, over the plan's cells."""
+def summarize(records: list[dict], plan, settings: dict | None = None) -> dict:
+    """Mean score (0–100) and speed per task, length and mode, over the plan's cells;
+    ``settings``: the run's ``settings.json`` (model and memory), recorded with it."""
     from .runner import plan_dict
 
     lengths = plan.lengths or [None]
@@ -46,8 +47,7 @@ def summarize(records: list[dict], plan, model_args=None) -> dict:
         command=" ".join(["infllm-lite" if sys.argv[0].endswith("infllm-lite") else sys.argv[0]]
                          + sys.argv[1:]),
         plan=plan_dict(plan),
-        model=(dict(native_window=model_args.max_position_embeddings, layers=model_args.n_layers,
-                    hidden=model_args.dim) if model_args is not None else None),
+        settings=settings,
         environment=dict(torch=torch.__version__, python=platform.python_version(),
                          machine=platform.machine(), threads=torch.get_num_threads()),
         cells=cells,

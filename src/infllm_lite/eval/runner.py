@@ -183,8 +183,6 @@ def run_eval(model, tokenizer, plan: EvalPlan, out_dir: str | Path, *, progress:
              plots: bool = True) -> dict:
     """Run ``plan`` (skipping predictions already in ``out_dir``), write the summary, the
     markdown table and the plots there, and return the summary."""
-    from .report import summarize, write_report
-
     plan.check()
     plan.load_data()
     out = Path(out_dir)
@@ -232,7 +230,20 @@ def run_eval(model, tokenizer, plan: EvalPlan, out_dir: str | Path, *, progress:
                         done.add(record_key(task, length, mode, sample.id))
                         bar.update(1)
     bar.close()
-    summary = summarize(records, plan, model_args=model.args)
+    return report_only(plan, out, plots=plots)
+
+
+def report_only(plan: EvalPlan, out_dir: str | Path, *, plots: bool = True) -> dict:
+    """Write summary.json, summary.md and the plots from the predictions already in
+    ``out_dir`` (of an interrupted run, say), running nothing; returns the summary."""
+    from .report import summarize, write_report
+
+    out = Path(out_dir)
+    path = out / SETTINGS
+    if not path.is_file():
+        raise InfLLMLiteError(f"{out} holds no evaluation run (no {SETTINGS})")
+    records = read_predictions(out / PREDICTIONS)
+    summary = summarize(records, plan, json.loads(path.read_text(encoding="utf-8")))
     write_report(out, summary, records, plots=plots)
     return summary
 

@@ -27,19 +27,10 @@ from tqdm.auto import tqdm
 
 from infllm_lite import MemoryConfig, generate_ids, load_model
 from infllm_lite.eval.passkey import make_passkey_sample, score_passkey
+from infllm_lite.eval.runner import depths, sample_seed  # the eval's depths and seeds: the same prompts
 from infllm_lite.generate import encode_prompt
 
 MODES = ("full", "streaming", "infllm")
-
-
-def depths(n: int) -> list[float]:
-    if n == 1:
-        return [0.5]
-    return [round(0.05 + 0.9 * i / (n - 1), 4) for i in range(n)]
-
-
-def sample_seed(seed: int, length: int, depth_index: int) -> int:
-    return seed * 1_000_003 + length * 101 + depth_index
 
 
 def answer(model, tokenizer, prompt_ids, mode, max_new_tokens, memory):

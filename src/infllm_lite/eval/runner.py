@@ -24,7 +24,7 @@ from typing import Iterator
 from tqdm.auto import tqdm
 
 from ..errors import InfLLMLiteError
-from ..generate import generate
+from ..generate import encode_prompt, generate
 from ..memory_config import MemoryConfig
 from .datasets import load_official
 from .metrics import first_line, score
@@ -129,10 +129,8 @@ def iter_samples(plan: EvalPlan, tokenizer, task: str, length: int | None) -> It
 def prompt_ids(tokenizer, spec: TaskSpec, sample: EvalSample) -> list[int]:
     """The sample's prompt as token ids: the chat template around it, or the raw text."""
     if spec.chat:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": sample.prompt}],
-                                             add_generation_prompt=True)
-        return tokenizer.encode(text, add_special_tokens=False)
-    return tokenizer.encode(sample.prompt)
+        return encode_prompt(tokenizer, [{"role": "user", "content": sample.prompt}])
+    return encode_prompt(tokenizer, sample.prompt)
 
 
 def limit_for(plan: EvalPlan, mode: str, length: int | None, native: int,

@@ -131,6 +131,17 @@ def test_generate_with_infllm_memory_options(capsys, tiny_folder):
                              "--block-size", "4", "--topk", "2", "--max-new-tokens", "4",
                              "--attention-kernel", "flex-eager")  # the product code, without a compile
     assert code == 0 and out.strip(), err
+    code, out_window, err = run_cli(capsys, "generate", "--model", str(tiny_folder), "--prompt", "Hello " * 50,
+                                    "--attention", "infllm", "--n-local", "16", "--n-init", "4",
+                                    "--block-size", "4", "--topk", "2", "--max-new-tokens", "4",
+                                    "--attention-kernel", "window-eager")
+    assert code == 0 and out_window == out, err  # the same greedy tokens through the other kernel
+
+
+def test_the_kernel_choices_are_the_library_s():
+    from infllm_lite.attention.infllm import KERNELS
+    from infllm_lite.cli import ATTENTION_KERNELS
+    assert ATTENTION_KERNELS == KERNELS
 
 
 def test_generate_with_memory_tier_options_prints_stats(capsys, tiny_folder, tmp_path):

@@ -180,3 +180,12 @@ def test_bad_arguments_raise_clear_errors(tiny, kwargs, message):
     with pytest.raises(InfLLMLiteError, match=None) as err:
         generate(model, tok, kwargs.pop("prompt"), stream=True, **kwargs)  # raised before iterating
     assert message in str(err.value)
+
+
+def test_auto_kernel_is_window_on_the_cpu_and_flex_elsewhere():
+    from infllm_lite.attention.infllm import resolve_kernel
+    assert resolve_kernel("auto", "cpu") == "window"
+    assert resolve_kernel("auto", "cuda") == "flex"
+    assert resolve_kernel("flex", "cpu") == "flex"
+    with pytest.raises(InfLLMLiteError, match="unknown attention kernel 'fast'"):
+        resolve_kernel("fast", "cpu")

@@ -1,8 +1,9 @@
-"""The compiled FlexAttention kernel (the product path) against the plain one, at the
-embedded model's geometry (9 heads, 3 KV heads, head dim 64, its default MemoryConfig),
-so the graphs compiled here are the ones the model-level tests reuse.
+"""The compiled kernels (FlexAttention, and the dense window kernel the CPU uses by
+default) against the plain one, at the embedded model's geometry (9 heads, 3 KV heads,
+head dim 64, its default MemoryConfig), so the graphs compiled here are the ones the
+model-level tests reuse.
 
-The uncompiled flex calls and the plain kernel are held to the dense reference under
+The uncompiled kernels are held to the dense reference under
 hypothesis in test_infllm_layer.py; here compiled == plain on a sequence long enough to
 form blocks and retrieve top-k, split into prefill calls and decode steps, and the whole
 run compiles each shape once.
@@ -46,9 +47,10 @@ def qkv():
             torch.randn(1, 3, L, 64, generator=g))
 
 
-def test_compiled_flex_equals_plain_kernel(qkv):
+@pytest.mark.parametrize("kernel", ["flex", "window"])
+def test_compiled_kernel_equals_plain_kernel(qkv, kernel):
     assert n_formed_blocks(CONFIG, sum(CALLS)) > CONFIG.topk  # retrieval really chooses
-    flex_out, flex_layer = run("flex", *qkv)
+    flex_out, flex_layer = run(kernel, *qkv)
     plain_out, plain_layer = run("torch", *qkv)
     torch.testing.assert_close(flex_out, plain_out, atol=1e-4, rtol=1e-4)
     assert [(s, e) for s, e, _ in flex_layer.trace] == [(s, e) for s, e, _ in plain_layer.trace]
@@ -69,13 +71,14 @@ def test_representative_scores_kernel_path_equals_the_swapped_call(qkv):
     torch.testing.assert_close(layer_k.block_repr, layer.block_repr, atol=1e-5, rtol=1e-5)
 
 
-def test_a_whole_generation_compiles_once(qkv):
+@pytest.mark.parametrize("kernel", ["flex", "window"])
+def test_a_whole_generation_compiles_once(qkv, kernel):
     """Chunks (padded to exc_block_size) and decode steps are the only two shapes: a second
     run with other call sizes, other data and so other selections adds no graph."""
-    run("flex", *qkv)  # warm (possibly already compiled by another test)
+    run(kernel, *qkv)  # warm (possibly already compiled by another test)
     before = counters["stats"]["unique_graphs"]
     q, k, v = (x.flip(2) for x in qkv)
-    run("flex", q, k, v, calls=[1, 1299, 1, 1, 1117, 1, 1])
+    run(kernel, q, k, v, calls=[1, 1299, 1, 1, 1117, 1, 1])
     assert counters["stats"]["unique_graphs"] == before
 
 
@@ -84,6 +87,6 @@ def test_no_host_synchronisation_in_the_attention_code():
     counts are host integers derived from positions; selections stay on the device. The one
     host read left is the block pool's page table (memory/pool.py ``ensure_resident``)."""
     src = Path(__file__).resolve().parents[1] / "src" / "infllm_lite" / "attention"
-    for name in ("infllm.py", "flex_joint.py"):
+    for name in ("infllm.py", "flex_joint.py", "window_joint.py"):
         code = (src / name).read_text()
         assert not re.search(r"\.(item|tolist|cpu|numpy)\(", code), name

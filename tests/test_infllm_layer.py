@@ -2,13 +2,15 @@
 its own against SPEC §4's consequences, and the fast path held to it.
 
 Property tests are parametrized over ``impl``: "reference" runs the slow reference; the
-kernels "flex-eager" (the FlexAttention calls of the product path, uncompiled) and "torch"
-(every logit materialised, the debugging path) run ``InfLLMState`` through the layer API.
-The compiled "flex" kernel is checked against them in test_infllm_compiled.py.
+kernels "flex-eager" (the FlexAttention calls, uncompiled), "window-eager" (the dense
+window kernel, uncompiled) and "torch" (every logit materialised, the debugging path) run
+``InfLLMState`` through the layer API and are held to the reference. The compiled "flex"
+and "window" kernels are checked against them in test_infllm_compiled.py.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 
 import pytest
@@ -526,6 +528,28 @@ def test_flex_kernel_matches_reference(case):
 def test_torch_kernel_matches_reference(case):
     """The debugging path, every logit materialised."""
     check_matches_reference("torch", case)
+
+
+@contextlib.contextmanager
+def query_tile(rows: int):
+    """The window kernel's query tile set to ``rows`` (its 64 would make every chunk of
+    these small configs a single tile)."""
+    from infllm_lite.attention import window_joint
+    before, window_joint.QUERY_TILE = window_joint.QUERY_TILE, rows
+    try:
+        yield
+    finally:
+        window_joint.QUERY_TILE = before
+
+
+@settings(max_examples=60, deadline=None)
+@given(case=cases(), tile=st.sampled_from([1, 2, 3, 5, 64]))
+def test_window_kernel_matches_reference(case, tile):
+    """The CPU's default path (uncompiled), with query tiles of 1 to 64 rows: several tiles
+    per chunk, a last tile of padding rows, windows clamped at slot 0."""
+    event(f"tiles per chunk > 1: {case[0].exc_block_size > tile}")
+    with query_tile(tile):
+        check_matches_reference("window-eager", case)
 
 
 def check_matches_reference(kernel, case):

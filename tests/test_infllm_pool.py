@@ -17,7 +17,7 @@ from infllm_lite.memory_config import MemoryConfig, n_formed_blocks
 from infllm_lite.models.rope import RotaryEmbedding, apply_rope
 
 
-@pytest.mark.parametrize("kernel", ["torch", "flex-eager"])
+@pytest.mark.parametrize("kernel", ["torch", "flex-eager", "window-eager"])
 def test_lru_s_records_the_joint_attention_mass_of_each_selected_block(kernel):
     H, Hkv, d, L = 4, 2, 8, 40
     args = ModelArgs(model_type="llama", vocab_size=16, dim=H * d, n_layers=1, n_heads=H, n_kv_heads=Hkv,

@@ -39,7 +39,7 @@ from roofline import Cost, embedded_args
 FILL_BLOCKS = 64  # memory blocks per layer before the layer benchmarks
 CONTEXT = 2048  # tokens before the model's decode step
 PREFILL_ROUNDS, DECODE_ROUNDS = 3, 20
-KERNELS = ("flex", "torch")  # compiled FlexAttention, every logit materialised
+KERNELS = ("flex", "window", "torch")  # compiled FlexAttention, compiled dense window, every logit materialised
 
 
 @pytest.fixture(scope="module", autouse=True)

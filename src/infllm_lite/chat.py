@@ -41,7 +41,7 @@ class ChatSession:
     def __init__(self, model, tokenizer, *, attention: str = "infllm",
                  memory: MemoryConfig | None = None, system: str | None = None,
                  max_new_tokens: int = 512, temperature: float = 0.0, top_p: float = 1.0,
-                 top_k: int = 0, seed: int | None = None, kernel: str = "flex",
+                 top_k: int = 0, seed: int | None = None, kernel: str = "auto",
                  capacity: int | None = None):
         check_sampling(temperature, top_p, top_k)
         if max_new_tokens < 1:
@@ -190,7 +190,7 @@ class ChatSession:
              **options) -> "ChatSession":
         """A session continuing the one saved at ``path`` (same model; ``memory`` may change
         only placement options). ``options``: sampling and ``max_new_tokens`` for what follows."""
-        kernel = options.pop("kernel", "flex")
+        kernel = options.pop("kernel", "auto")
         capacity = options.pop("capacity", None) or read_header(path)["extra"].get("capacity")
         snap = load_snapshot(path, model, memory=memory, kernel=kernel, capacity=capacity)
         saved = snap.extra

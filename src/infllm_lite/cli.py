@@ -58,6 +58,10 @@ def _add_generation_options(p: argparse.ArgumentParser) -> None:
                    help="print speed and memory-tier counters to stderr when done")
 
 
+# infllm_lite.attention.infllm.KERNELS, spelled out here so that --help needs no torch import
+ATTENTION_KERNELS = ("auto", "flex", "flex-eager", "window", "window-eager", "torch")
+
+
 def _add_memory_options(p: argparse.ArgumentParser) -> None:
     m = p.add_argument_group("memory (streaming and infllm; default: suited to the model's native window)")
     for name, meaning in (("n-init", "initial (sink) tokens"), ("n-local", "local window in tokens"),
@@ -71,9 +75,11 @@ def _add_memory_options(p: argparse.ArgumentParser) -> None:
                         "a file on disk (default: unlimited)")
     m.add_argument("--offload-dir", default=None, metavar="DIR",
                    help="directory of the offload file (default: a temporary directory, removed after)")
-    m.add_argument("--attention-kernel", default="flex", choices=("flex", "flex-eager", "torch"),
-                   help="how infllm computes attention: flex (compiled FlexAttention, default), "
-                        "flex-eager, or torch (plain, every logit materialised: for debugging)")
+    m.add_argument("--attention-kernel", default="auto", choices=ATTENTION_KERNELS,
+                   help="how infllm computes attention: auto (default: window on the CPU, flex on "
+                        "a GPU), window (compiled dense attention over each query tile's key "
+                        "window), flex (compiled FlexAttention), window-eager, flex-eager, or torch "
+                        "(plain, every logit materialised: for debugging)")
 
 
 def _memory_config(args, model):

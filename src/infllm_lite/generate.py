@@ -38,14 +38,16 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[int], *, max_new_token
                  top_k: int = 0, seed: int | None = None, stop_token_ids: set[int] = frozenset(),
                  memory: MemoryConfig | None = None, chunk_size: int | None = None,
                  compile: bool = False, progress: bool = False,
-                 attention_kernel: str = "flex", stats: GenerationStats | None = None) -> Iterator[int]:
+                 attention_kernel: str = "auto", stats: GenerationStats | None = None) -> Iterator[int]:
     """An iterator of new token ids, one at a time (stop tokens are not yielded).
 
     Arguments are checked here, before any work, not at the first ``next()``.
     ``memory`` configures the ``streaming`` and ``infllm`` modes (default: one suited to the
     model, ``MemoryConfig.for_model``); ``chunk_size`` defaults to ``memory.chunk_size``.
-    ``attention_kernel`` computes ``infllm``: ``flex`` (compiled FlexAttention, the default),
-    ``flex-eager`` or ``torch`` (plain, every logit materialised: for debugging). A given
+    ``attention_kernel`` computes ``infllm``: ``auto`` (the default: ``window`` on the CPU,
+    ``flex`` on other devices), ``window`` (compiled dense attention over each query tile's
+    key window), ``flex`` (compiled FlexAttention), their uncompiled ``window-eager`` and
+    ``flex-eager``, or ``torch`` (plain, every logit materialised: for debugging). A given
     ``stats`` (:class:`GenerationStats`) is filled in as the generation runs.
     """
     if not prompt_ids:
@@ -209,7 +211,7 @@ def generate(model: Transformer, tokenizer: Tokenizer, prompt: str | Sequence[di
              top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
              stop: str | Sequence[str] | None = None, stream: bool = False,
              memory: MemoryConfig | None = None, chunk_size: int | None = None,
-             compile: bool = False, progress: bool = False, attention_kernel: str = "flex",
+             compile: bool = False, progress: bool = False, attention_kernel: str = "auto",
              return_stats: bool = False):
     """Continue ``prompt``: a string, chat messages (rendered with the chat template) or
     token ids.

@@ -134,7 +134,7 @@ def _check_memory(path: Path, saved: MemoryConfig | None, given: MemoryConfig | 
 
 
 def load_snapshot(path: str | Path, model, *, memory: MemoryConfig | None = None,
-                  capacity: int | None = None, kernel: str = "flex") -> Snapshot:
+                  capacity: int | None = None, kernel: str = "auto") -> Snapshot:
     """Restore the memory saved at ``path`` for ``model`` (the one that made it). ``memory``:
     the config you expect (refused if it would change the memory; its placement options
     apply); ``capacity``: for full attention, tokens the restored cache holds (default:

@@ -16,12 +16,13 @@ ATTENTION_MODES = ("full", "streaming", "infllm")
 def make_attention_state(mode: str, args: ModelArgs, *, capacity: int,
                          memory: MemoryConfig | None = None, batch_size: int = 1,
                          dtype: torch.dtype = torch.float32,
-                         device: torch.device | str = "cpu", kernel: str = "flex") -> AttentionState:
+                         device: torch.device | str = "cpu", kernel: str = "auto") -> AttentionState:
     """A fresh attention memory of the given mode.
 
     ``full`` preallocates ``capacity`` tokens; ``streaming`` and ``infllm`` are unbounded
     and follow ``memory`` (default: ``MemoryConfig.for_model(args)``); ``kernel`` chooses
-    how ``infllm`` computes its attention (``flex``, ``flex-eager``, ``torch``).
+    how ``infllm`` computes its attention (``auto``, ``window``, ``flex``, … see
+    :mod:`.infllm`).
     """
     from .infllm import check_kernel
     check_kernel(kernel)  # for every mode: a bad option is refused whatever it would apply to

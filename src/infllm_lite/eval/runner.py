@@ -52,7 +52,7 @@ class EvalPlan:
     max_len: dict[str, int | None] = field(default_factory=dict)
     memory: MemoryConfig | None = None  # infllm and streaming (default: MemoryConfig.for_model)
     chunk_size: int | None = None
-    attention_kernel: str = "flex"  # how infllm computes attention (see generate_ids)
+    attention_kernel: str = "auto"  # how infllm computes attention (see generate_ids)
     official: bool = False  # passkey, number_string, kv_retrieval from the official files too
 
     def load_data(self) -> dict[str, list[EvalSample]]:

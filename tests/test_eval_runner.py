@@ -2,6 +2,7 @@
 reference's truncation, a summary, tables and plots; the ``infllm-lite eval`` command."""
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,7 @@ def test_runs_every_cell_and_writes_the_report(tiny, tmp_path):
         (t, m) for t in ("passkey", "kv_retrieval") for m in ("infllm", "streaming", "full")}
     for r in records:
         assert 0.0 <= r["score"] <= 1.0 and r["depth"] in (0.05, 0.95)
+        assert r["attention_kernel"] == ("torch" if r["mode"] == "infllm" else None)
         assert abs(r["prompt_tokens"] - 600) <= 0.05 * 600
         if r["mode"] == "full":  # truncated to the limit: first 128 and the last ones
             assert r["truncated"] and r["read_tokens"] <= 400
@@ -96,7 +98,10 @@ def test_resumes_without_redoing_work(tiny, tmp_path, monkeypatch):
                  "--model", str(tmp_path / "no-model-needed")]) == 0
     cells = json.loads((tmp_path / "summary.json").read_text())["cells"]
     assert [c["n"] for c in cells] == [2, 2]
-    # other settings do not mix with these predictions
+    # another attention kernel may continue them (each prediction records its own) ...
+    run_eval(model, tokenizer, replace(plan, attention_kernel="window-eager"), tmp_path, progress=False,
+             plots=False)
+    # ... other settings do not mix with them
     other = _plan(tasks=["passkey"], modes=["streaming", "full"], seed=1)
     with pytest.raises(InfLLMLiteError, match="seed"):
         run_eval(model, tokenizer, other, tmp_path, progress=False, plots=False)

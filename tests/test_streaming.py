@@ -39,6 +39,11 @@ def small_args(n_heads: int = 6, n_kv_heads: int = 2, n_layers: int = 1, vocab: 
         max_position_embeddings=512, rms_norm_eps=1e-5, rope_theta=100.0))
 
 
+def streaming_rows() -> int:
+    import infllm_lite.attention.streaming as streaming
+    return streaming.SLICE_ROWS
+
+
 def memory(n_init: int, n_local: int) -> MemoryConfig:
     return MemoryConfig(n_init=n_init, n_local=n_local, block_size=1, topk=1, repr_topk=1,
                         exc_block_size=1, max_cached_blocks=1)
@@ -89,13 +94,25 @@ def run_layer(state, q, k, v, rope, calls):
 @given(n_init=st.integers(0, 8), n_local=st.integers(1, 40), length=st.integers(1, 150),
        gqa=st.sampled_from([1, 3]), batch=st.integers(1, 2),
        sizes=st.lists(st.one_of(st.just(1), st.integers(1, 90)), min_size=1, max_size=6),
-       seed=st.integers(0, 2**16))
-@example(n_init=0, n_local=1, length=23, gqa=3, batch=2, sizes=[5, 1], seed=0)  # no sinks, no ring
-@example(n_init=3, n_local=1, length=29, gqa=1, batch=1, sizes=[2, 1, 11], seed=1)
-@example(n_init=8, n_local=40, length=150, gqa=3, batch=2, sizes=[150], seed=2)  # one call, 4 slices
-@example(n_init=2, n_local=2, length=19, gqa=1, batch=1, sizes=[4, 1, 6], seed=4)
-@example(n_init=5, n_local=7, length=131, gqa=3, batch=1, sizes=[3, 1, 1, 17, 1, 90], seed=3)
-def test_matches_dense_reference(n_init, n_local, length, gqa, batch, sizes, seed):
+       seed=st.integers(0, 2**16), rows=st.sampled_from([1, 3, 7, 64]))
+@example(n_init=0, n_local=1, length=23, gqa=3, batch=2, sizes=[5, 1], seed=0, rows=64)  # no sinks, no ring
+@example(n_init=3, n_local=1, length=29, gqa=1, batch=1, sizes=[2, 1, 11], seed=1, rows=64)
+@example(n_init=8, n_local=40, length=150, gqa=3, batch=2, sizes=[150], seed=2, rows=64)  # one call, 4 slices
+@example(n_init=8, n_local=40, length=150, gqa=3, batch=2, sizes=[150], seed=2, rows=7)  # 22 slices
+@example(n_init=2, n_local=2, length=19, gqa=1, batch=1, sizes=[4, 1, 6], seed=4, rows=64)
+@example(n_init=5, n_local=7, length=131, gqa=3, batch=1, sizes=[3, 1, 1, 17, 1, 90], seed=3, rows=3)
+def test_matches_dense_reference(n_init, n_local, length, gqa, batch, sizes, seed, rows):
+    """``rows``: queries per slice (the product's 64 would leave these small windows one
+    slice of n_local queries each)."""
+    import infllm_lite.attention.streaming as streaming
+    before, streaming.SLICE_ROWS = streaming.SLICE_ROWS, rows
+    try:
+        check_matches_dense_reference(n_init, n_local, length, gqa, batch, sizes, seed)
+    finally:
+        streaming.SLICE_ROWS = before
+
+
+def check_matches_dense_reference(n_init, n_local, length, gqa, batch, sizes, seed):
     args = small_args(n_heads=6, n_kv_heads=6 // gqa)
     rope = RotaryEmbedding(args)
     g = torch.Generator().manual_seed(seed)
@@ -110,9 +127,11 @@ def test_matches_dense_reference(n_init, n_local, length, gqa, batch, sizes, see
     assert layer.k_sink.shape[2] == n_init and layer.k_ring.shape[2] == n_local - 1
     assert state.length == length
     plan = state._plan  # the last call's plan
-    for s in plan.slices:  # scores materialised per head: Q x (n_init + n_local - 1 + Q) at most
+    for s in plan.slices:  # scores per head: Q x (sinks + the ring + n_local - 1 + Q) at most
         Q = s.stop - s.start
-        assert Q <= n_local and s.sink_hidden.shape[1] + s.win_hidden.shape[1] <= n_init + n_local - 1 + Q
+        bound = n_init + (n_local - 1) * (2 if s.use_ring else 1) + Q
+        assert Q <= n_local and s.sink_hidden.shape[1] + s.win_hidden.shape[1] <= bound
+        assert Q <= streaming_rows()
 
 
 @settings(max_examples=15, deadline=None)

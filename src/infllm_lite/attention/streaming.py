@@ -28,8 +28,10 @@ Rotation: RoPE logits depend only on the difference of the two positions, so a s
 queries starting at ``a`` rotates its window part by one common offset ``c = a - p_a``
 (query at ``i - c``, key at ``j - c``: the true distance ``i - j``, angles stay below
 ``n_init + 2·n_local``), and its sink part at the re-assigned positions (query at ``p_i``,
-sink at ``j``). The call's queries are processed in slices of at most ``n_local``, so a
-slice of ``Q`` queries materialises ``Q × (n_init + n_local - 1 + Q)`` scores per head.
+sink at ``j``). The call's queries are processed in slices of ``SLICE_ROWS`` (at most
+``n_local``): a slice of ``Q`` queries materialises the scores of the sinks, the ring
+when it reaches back before the call (``n_local - 1``) and the call's keys it can see
+(``n_local - 1 + Q`` at most) per head.
 Everything a call needs besides the tensors (positions, masks, rotations, ring indices) is
 computed once per call from host-side ints and shared by all layers: no host
 synchronisation inside ``attend``.
@@ -47,6 +49,10 @@ from ..config import ModelArgs
 from ..memory_config import MemoryConfig
 from ..models.rope import RotaryEmbedding, apply_rope
 from .base import AttentionState, LayerAttention, copy_into
+
+
+SLICE_ROWS = 64  # queries per slice, at most n_local (measured, embedded model at 8K: 64 rows
+# 301 prefill tok/s, 128 rows 282, 512 rows 216: a slice's scores stay in cache)
 
 
 @dataclass
@@ -190,8 +196,9 @@ class StreamingState(AttentionState):
             ring_pos = (L - 1) - torch.remainder((L - 1 - n_init) - arange(0, R), R)
 
         slices = []
-        for a in range(L, end, n_local):
-            b = min(a + n_local, end)
+        rows = min(n_local, SLICE_ROWS)
+        for a in range(L, end, rows):
+            b = min(a + rows, end)
             c = a - min(a, top)  # common shift of the slice's window part
             i = arange(a, b)
             use_ring = has_ring and a - n_local + 1 < L

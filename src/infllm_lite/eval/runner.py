@@ -23,6 +23,7 @@ from typing import Iterator
 
 from tqdm.auto import tqdm
 
+from ..attention.infllm import resolve_kernel
 from ..errors import InfLLMLiteError
 from ..generate import encode_prompt, generate
 from ..memory_config import MemoryConfig
@@ -148,7 +149,8 @@ def predict(model, tokenizer, spec: TaskSpec, ids: list[int], mode: str, plan: E
     text, stats = generate(model, tokenizer, ids, max_new_tokens=spec.max_new_tokens, attention=mode,
                            stop=list(spec.stop), memory=memory, chunk_size=plan.chunk_size,
                            attention_kernel=plan.attention_kernel, return_stats=True)
-    return text, dict(prefill_seconds=round(stats.prefill_seconds, 3),
+    kernel = resolve_kernel(plan.attention_kernel, next(model.parameters()).device) if mode == "infllm" else None
+    return text, dict(attention_kernel=kernel, prefill_seconds=round(stats.prefill_seconds, 3),
                       prefill_tokens_per_s=round(stats.prefill_tokens_per_second, 1),
                       new_tokens=stats.new_tokens,
                       decode_tokens_per_s=round(stats.decode_tokens_per_second, 2))
@@ -251,16 +253,18 @@ SETTINGS = "settings.json"
 
 def _check_settings(out: Path, plan: EvalPlan, model) -> None:
     """Record what the predictions depend on (beyond which tasks, modes, lengths and samples
-    run); refuse to add to predictions made with other settings."""
+    run); refuse to add to predictions made with other settings. The attention kernel is
+    not one of them (the kernels compute the same attention, held to one reference in the
+    tests): each prediction records its own."""
     memory = plan.memory or MemoryConfig.for_model(model.args)
     settings = dict(seed=plan.seed, memory=memory.to_dict(), max_len=plan.max_len,
-                    chunk_size=plan.chunk_size, attention_kernel=plan.attention_kernel,
-                    native_window=model.args.max_position_embeddings,
+                    chunk_size=plan.chunk_size, native_window=model.args.max_position_embeddings,
                     layers=model.args.n_layers, hidden=model.args.dim, vocab=model.args.vocab_size)
     settings = json.loads(json.dumps(settings))  # as it reads back (tuples become lists)
     path = out / SETTINGS
     if path.is_file():
         before = json.loads(path.read_text(encoding="utf-8"))
+        before.pop("attention_kernel", None)  # recorded by older runs; the kernels agree
         changed = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
         if changed:
             raise InfLLMLiteError(

@@ -69,3 +69,19 @@ def test_greedy_tokens_match_transformers(case):
             got.append(token)
             logits = ours(torch.tensor([[token]]), state)
     assert got == expected
+
+
+@pytest.mark.parametrize("heads", [(9, 3), (4, 4), (6, 1)])
+@pytest.mark.parametrize("S", [1, 5, 130])
+def test_one_query_attention_equals_sdpa(heads, S):
+    """The decode step's attention (two matmuls sharing each KV head) against SDPA, with
+    hidden keys (the static cache's unfilled slots, a sliding window)."""
+    import torch.nn.functional as F
+    from infllm_lite.attention.full import one_query_attention
+    H, Hkv = heads
+    g = torch.Generator().manual_seed(S)
+    q, k, v = torch.randn(2, H, 1, 16, generator=g), torch.randn(2, Hkv, S, 16, generator=g), torch.randn(2, Hkv, S, 16, generator=g)
+    mask = torch.rand(1, S, generator=g) < 0.7
+    mask[0, 0] = True  # one key at least is visible
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    torch.testing.assert_close(one_query_attention(q, k, v, mask), expected, atol=1e-5, rtol=1e-5)

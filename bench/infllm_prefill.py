@@ -93,7 +93,7 @@ def one(length: int, kernel: str, new_tokens: int, threads: int, max_host_bytes:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lengths", default="4096,16384,32768")
-    p.add_argument("--kernel", default="flex", choices=("flex", "flex-eager", "torch"))
+    p.add_argument("--kernel", default="auto", choices=("auto", "window", "flex", "window-eager", "flex-eager", "torch"))
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--variants", default="pool", help="comma-separated: pool, disk, before (default pool)")

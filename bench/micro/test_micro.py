@@ -4,7 +4,7 @@
 
 * ``infllm-layer-prefill`` / ``infllm-layer-decode``: one InfLLM attention layer whose
   memory holds ``FILL_BLOCKS`` blocks, one execution chunk of ``exc_block_size`` queries /
-  one decode step, compiled flex against the plain ``torch`` kernel;
+  one decode step, compiled flex and compiled window against the plain ``torch`` kernel;
 * ``select-blocks``: retrieval (mean query · representative vectors, top-k), torch twin;
 * ``representative-scores``: the summed local probabilities of a chunk, torch twin;
 * ``pool``: ``BlockPool.ensure_resident`` of a top-k selection, all hits, all misses from

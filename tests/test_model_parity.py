@@ -85,3 +85,20 @@ def test_one_query_attention_equals_sdpa(heads, S):
     mask[0, 0] = True  # one key at least is visible
     expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
     torch.testing.assert_close(one_query_attention(q, k, v, mask), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("heads", [(9, 3), (4, 4)])
+@pytest.mark.parametrize("P, T", [(1, 1), (1, 7), (130, 5), (64, 200)])
+def test_prefix_causal_attention_equals_masked_sdpa(heads, P, T):
+    """A chunk after a cached prefix (the second prefill call of full attention): two flash
+    calls merged by their log-sum-exp against SDPA with the explicit causal mask."""
+    import torch.nn.functional as F
+    from infllm_lite.attention.full import prefix_causal_attention
+    H, Hkv = heads
+    g = torch.Generator().manual_seed(P + T)
+    q = torch.randn(2, H, T, 16, generator=g)
+    k, v = torch.randn(2, Hkv, P + T, 16, generator=g), torch.randn(2, Hkv, P + T, 16, generator=g)
+    mask = torch.arange(P, P + T)[:, None] >= torch.arange(P + T)[None, :]  # (T, P + T)
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    got = prefix_causal_attention(q, k[:, :, :P], v[:, :, :P], k[:, :, P:], v[:, :, P:])
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

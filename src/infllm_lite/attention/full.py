@@ -40,6 +40,23 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
 
 
+def prefix_causal_attention(q: torch.Tensor, k_prefix: torch.Tensor, v_prefix: torch.Tensor,
+                            k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal attention of a chunk of queries after a cached prefix, on the CPU: the prefix
+    (seen whole by every query) and the chunk's own keys (causal) through SDPA's CPU flash
+    kernel, which returns each part's log-sum-exp, merged. An explicit (T, S) mask instead
+    sends SDPA down a path 3x slower (measured: 16K tokens in two 8K calls, 74 prefill tok/s
+    against 107 in one call).
+
+    q: (B, H, T, d); k_prefix/v_prefix: (B, Hkv, P, d); k/v: (B, Hkv, T, d), GQA allowed."""
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    out_p, lse_p = flash(q, k_prefix, v_prefix, 0.0, False)  # (B, H, T, d), (B, H, T)
+    out_c, lse_c = flash(q, k, v, 0.0, True)
+    top = torch.maximum(lse_p, lse_c)
+    w_p, w_c = (lse_p - top).exp(), (lse_c - top).exp()  # (B, H, T)
+    return ((out_p * w_p[..., None] + out_c * w_c[..., None]) / (w_p + w_c)[..., None]).to(q.dtype)
+
+
 def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Attention of one query per head (a decode step) as two matmuls in which the G query
     heads of a KV head share its keys: every key and value is read once. (SDPA's CPU
@@ -76,6 +93,8 @@ class FullLayerAttention(LayerAttention):
         first = 0 if self.window is None else max(0, start - self.window + 1)
         if start == 0 and self.window is None:
             return causal_attention(q, k, v, positions, positions)
+        if self.window is None and q.shape[-2] > 1 and q.device.type == "cpu":
+            return prefix_causal_attention(q, self.k[:, :, :start], self.v[:, :, :start], k, v)
         return causal_attention(q, self.k[:, :, first:end], self.v[:, :, first:end],
                                 positions, self.state.slots[first:end], self.window)
 

@@ -190,8 +190,8 @@ def joint_attention_flex(q_loc: torch.Tensor, q_far: torch.Tensor, k_self: torch
     # graph (0.6 ms vs 1.7 ms a layer, the small ops fused), a 512-query chunk with only the
     # three flex calls compiled (44 ms vs 60 ms).
     if q_loc.shape[2] == 1:
-        return _compiled("joint", _joint)(*args)
-    return _joint(*args, call=_compiled("call", _sentinel_call), scores=scores)
+        return compiled_once("joint", _joint)(*args)
+    return _joint(*args, call=compiled_once("call", _sentinel_call), scores=scores)
 
 
 def _joint(q_loc, q_far, k_self, k_rot, k_raw, v_ext, q_pos, k_pos, sw_pos, far_pos, local_tiles,
@@ -285,7 +285,7 @@ def _sentinel_call(q, k, v, q_pos, k_pos, tiles, n_local: int, far: bool):
 _COMPILED: dict[str, object] = {}
 
 
-def _compiled(name: str, fn):
+def compiled_once(name: str, fn):
     """``fn`` compiled once per process (static shapes and flags: one graph each)."""
     if name not in _COMPILED:
         _COMPILED[name] = torch.compile(fn, dynamic=False)

@@ -58,10 +58,9 @@ from ..memory import BlockPool, PoolStats
 from ..memory_config import MemoryConfig, n_formed_blocks
 from ..models.rope import RotaryEmbedding, apply_rope
 from .base import AttentionState, LayerAttention, copy_into
-from .flex_joint import (EMPTY, FAR, FLEX_BLOCK, PAD_QUERY, ChunkMasks, chunk_masks, far_tiles,
-                         joint_attention_dense, joint_attention_flex)
-from .window_joint import (block_keys, joint_attention_window, joint_attention_window_compiled,
-                           window_sizes, window_slots)
+from .flex_joint import (EMPTY, FAR, FLEX_BLOCK, PAD_QUERY, ChunkMasks, chunk_masks, compiled_once,
+                         far_tiles, joint_attention_dense, joint_attention_flex)
+from .window_joint import block_keys, joint_attention_window, window_sizes, window_slots
 
 KERNELS = ("auto", "flex", "flex-eager", "window", "window-eager", "torch")
 WINDOW_KERNELS = ("window", "window-eager")
@@ -222,7 +221,8 @@ class InfLLMLayerAttention(LayerAttention):
         state, cfg = self.state, self.cfg
         block_slots = None if slots is None else state.pool_slot + slots * cfg.block_size  # (B, k)
         block_idx, block_used = block_keys(block_slots, cfg.topk, cfg.block_size, state.batch_size, state.device)
-        attend = joint_attention_window_compiled if state.kernel == "window" else joint_attention_window
+        attend = (compiled_once("window", joint_attention_window) if state.kernel == "window"
+                  else joint_attention_window)
         out, sums, lse = attend(q_loc, q_far, self.k_rot, self.k_raw, self.v, geo.q_pos, geo.win_idx,
                                 geo.win_pos, geo.prefix_pos, geo.reach, block_idx, block_used,
                                 cfg.n_local, state.local_end)
@@ -387,7 +387,7 @@ class InfLLMState(AttentionState):
         k_pos[self.tail_slot:self.tail_slot + used] = torch.arange(tail_start, tail_start + used, device=device)
         if self.kernel in WINDOW_KERNELS:
             last = e if e <= cfg.n_init else self.tail_slot + used  # slot after the chunk's last token
-            win_idx, win_pos = window_slots(k_pos, q_pos, last, T, tile, W)
+            win_idx, win_pos = window_slots(k_pos, padded, last, T, tile, W)
             geometry = ChunkGeometry(padded, cos, sin, q_pos, win_idx=win_idx, win_pos=win_pos,
                                      prefix_pos=k_pos[:max(reach)], reach=reach)
         else:

@@ -8,8 +8,8 @@ keys one chunk of ``T`` queries (padded to ``Tp``) at positions ``[s, e)`` can s
 few, and those of the slot array contiguous: slots ``[0, tail_slot + used)`` hold
 increasing positions (initial tokens, then the tail), so
 
-* its **local** keys lie in the slot window ``[a, a + W)`` ending at the chunk's last
-  token, ``W = Tp + n_local - 1`` (rotated keys; visible iff ``0 <= i - p < n_local``);
+* its **local** keys lie in the ``Tp + n_local - 1`` slots ending at the chunk's last
+  token (rotated keys; visible iff ``0 <= i - p < n_local``);
 * its **far** keys lie in the slot prefix ``[0, F)``, ``F = n_init + Tp + block_size - 1``
   (the initial tokens and the tail's oldest, never more: blocks form as soon as they
   leave the window), visible iff ``i - p >= n_local``, plus the selected blocks' pool
@@ -20,7 +20,7 @@ The queries go in tiles of ``QUERY_TILE`` rows, each with its own window and pre
 the materialised logits (``(B, H, tile, W + F_t + topk·block)``) stay small; one softmax
 runs over the three sets of keys, and the local probabilities summed over the queries
 are every slot's score increment, read off the same tensor. Static shapes, so one
-compiled graph serves every chunk and one every decode step.
+compiled graph (``flex_joint.compiled_once``) serves every chunk and one every decode step.
 """
 
 from __future__ import annotations
@@ -45,12 +45,12 @@ def window_sizes(rows: int, n_init: int, n_local: int, block_size: int, local_en
     return padded, tile, tile + n_local - 1, reach
 
 
-def window_slots(k_pos: torch.Tensor, q_pos: torch.Tensor, last_slot: int, n_real: int,
+def window_slots(k_pos: torch.Tensor, padded: int, last_slot: int, n_real: int,
                  tile: int, W: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Each query tile's local window: slots (n_tiles, W) and their positions. The chunk's
-    real queries (the first ``n_real`` rows of ``q_pos``) sit in consecutive slots ending
-    at ``last_slot`` (exclusive); a tile's window ends at its last real query's slot."""
-    n_tiles = q_pos.shape[0] // tile
+    real queries (the first ``n_real`` of its ``padded`` rows) sit in consecutive slots
+    ending at ``last_slot`` (exclusive); a tile's window ends at its last real query's slot."""
+    n_tiles = padded // tile
     last_row = torch.clamp(torch.arange(1, n_tiles + 1, device=k_pos.device) * tile, max=n_real) - 1
     end = last_slot - (n_real - 1 - last_row)  # (n_tiles,) slot after each tile's last query
     first = torch.clamp(end - W, min=0)
@@ -141,15 +141,3 @@ def joint_attention_window(q_loc: torch.Tensor, q_far: torch.Tensor, k_rot: torc
         lses.append(torch.where(seen, top[..., 0] + z.log(), 0.0))
         sums.index_add_(2, win_idx[t], (probs[0] * inv[..., None]).sum(dim=2))  # (B, H, W) into slots
     return torch.cat(outs, dim=2), sums, torch.cat(lses, dim=2)
-
-
-_COMPILED = None
-
-
-def joint_attention_window_compiled(*args, **kwargs):
-    """:func:`joint_attention_window` through ``torch.compile`` (one graph per shape:
-    chunks and decode steps), compiled once per process."""
-    global _COMPILED
-    if _COMPILED is None:
-        _COMPILED = torch.compile(joint_attention_window, dynamic=False)
-    return _COMPILED(*args, **kwargs)

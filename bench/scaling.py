@@ -14,6 +14,8 @@ allocator's slack: measured 4.2 vs 2.0 GiB for InfLLM at 8K). A cell is
 skipped, with the reason, when its estimated time (fitted on the mode's shorter lengths:
 linear + quadratic in the length) exceeds ``--cell-seconds``. Modes run one after the
 other at each length, shortest first, so that ratios come from the same conditions.
+``--resume`` keeps the cells an interrupted run (same threads, runs, new tokens) already
+wrote to ``--out`` and runs the rest; each row records when it ``finished``.
 
 The roofline (float32 matmul peak, memory bandwidth: ``bench/roofline.py``) is measured
 first with the same threads; each cell reports the fraction of the peak its prefill
@@ -169,6 +171,9 @@ def main(argv=None) -> int:
                    help="time budget of one (mode, length) cell; longer cells are skipped (default 900)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--out", type=Path, default=Path("scaling_out"))
+    p.add_argument("--resume", action="store_true",
+                   help="keep the cells already in OUT/scaling.json (same threads, runs and new "
+                        "tokens) and run only the others: a long run can stop and go on later")
     p.add_argument("--one", nargs=2, metavar=("MODE", "LENGTH"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.one:
@@ -189,9 +194,14 @@ def main(argv=None) -> int:
     print(f"roofline: {args.peaks['peak_gflop_s']:.0f} GFLOP/s float32 matmul, "
           f"{args.peaks['bandwidth_gb_s']:.1f} GB/s", file=sys.stderr)
     rows, skipped = [], []
+    if args.resume and (args.out / "scaling.json").is_file():
+        rows = reusable_rows(json.loads((args.out / "scaling.json").read_text()), args)
+        print(f"resuming: {len(rows)} cells kept from {args.out / 'scaling.json'}", file=sys.stderr)
     for length in lengths:
         for mode in modes:
             done = [r for r in rows if r["mode"] == mode]
+            if _cell(rows, mode, length) is not None:
+                continue  # kept from the run being resumed
             guess = estimate_seconds(done, length, args.new_tokens)
             if any(s["mode"] == mode for s in skipped):
                 skipped.append(dict(mode=mode, length=length, reason="a shorter length was skipped"))
@@ -215,6 +225,7 @@ def main(argv=None) -> int:
                 continue
             row = json.loads(proc.stdout.strip().splitlines()[-1])
             row["wall_s"] = time.perf_counter() - t
+            row["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
             row["roofline"] = roofline_of(row, args.peaks)
             rows.append(row)
             print(f"{length:>7} {mode:>12}: prefill {row['prefill_tokens_per_s']:7.1f} tok/s, decode "
@@ -224,6 +235,20 @@ def main(argv=None) -> int:
     report = write(args, argv, rows, skipped, modes, lengths)
     print(report["table"])
     return 0
+
+
+def reusable_rows(previous: dict, args) -> list[dict]:
+    """The cells of an earlier report that this run can keep: all of them when it measured
+    with the same threads, runs and new tokens (its roofline is kept with them), none
+    otherwise (said on stderr)."""
+    old = previous.get("rows", [])
+    same = (previous.get("runs") == args.runs and previous.get("new_tokens") == args.new_tokens
+            and all(r.get("threads") == args.threads for r in old))
+    if not same:
+        print("not resuming: the earlier run measured with other --threads, --runs or "
+              "--new-tokens", file=sys.stderr)
+        return []
+    return [r for r in old if r["mode"] in MODES]
 
 
 def roofline_of(row: dict, peaks: dict) -> dict:

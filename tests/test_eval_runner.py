@@ -166,6 +166,13 @@ def test_cli_eval(tiny_folder, tmp_path, capsys):
     assert json.loads((out / "summary.json").read_text())["plan"]["memory"]["n_local"] == 64
 
 
+def test_report_names_the_run_not_the_rewrite():
+    from infllm_lite.eval.report import run_command
+    run = ["/venv/bin/infllm-lite", "eval", "--task", "passkey", "--out", "d"]
+    assert run_command(run) == "infllm-lite eval --task passkey --out d"
+    assert run_command(run + ["--report-only"]) == run_command(run)
+
+
 def test_cli_eval_missing_data_fails_before_loading_the_model(tmp_path, capsys, monkeypatch):
     import huggingface_hub
 

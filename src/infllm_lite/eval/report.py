@@ -44,8 +44,7 @@ def summarize(records: list[dict], plan, settings: dict | None = None) -> dict:
                                           if rs else None)))
     return dict(
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        command=" ".join(["infllm-lite" if sys.argv[0].endswith("infllm-lite") else sys.argv[0]]
-                         + sys.argv[1:]),
+        command=run_command(sys.argv),
         plan=plan_dict(plan),
         settings=settings,
         environment=dict(torch=torch.__version__, python=platform.python_version(),
@@ -53,6 +52,13 @@ def summarize(records: list[dict], plan, settings: dict | None = None) -> dict:
         cells=cells,
         table=markdown_tables(cells, plan.tasks, lengths, plan.modes),
     )
+
+
+def run_command(argv: list[str]) -> str:
+    """The command line that made the predictions: ``argv`` without ``--report-only`` (a
+    report rewritten from them names the run, not the rewrite)."""
+    program = "infllm-lite" if argv[0].endswith("infllm-lite") else argv[0]
+    return " ".join([program] + [a for a in argv[1:] if a != "--report-only"])
 
 
 def _length_label(length: int | None) -> str:

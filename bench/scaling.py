@@ -9,8 +9,9 @@ Every (mode, length) cell runs in a fresh process (its peak RSS is its own) that
 first (compiles what it compiles; the warm-up time is reported, never timed with the
 rest), then times ``--runs`` generations from a passkey haystack of that many tokens
 (medians; fewer runs when one run takes longer than ``--cell-seconds`` / runs); peak RSS
-is taken after the warm-up and the first timed run (the runs after it only add the
-allocator's slack: measured 4.2 vs 2.0 GiB for InfLLM at 8K). A cell is
+is taken after the warm-up and the first timed run, and over all runs (they differed,
+4.2 vs 2.0 GiB for InfLLM at 8K, while a reference cycle kept each finished generation's
+memory until the garbage collector ran; states now drop it when closed). A cell is
 skipped, with the reason, when its estimated time (fitted on the mode's shorter lengths:
 linear + quadratic in the length) exceeds ``--cell-seconds``. Modes run one after the
 other at each length, shortest first, so that ratios come from the same conditions.

@@ -189,3 +189,33 @@ def test_auto_kernel_is_window_on_the_cpu_and_flex_elsewhere():
     assert resolve_kernel("flex", "cpu") == "flex"
     with pytest.raises(InfLLMLiteError, match="unknown attention kernel 'fast'"):
         resolve_kernel("fast", "cpu")
+
+
+@pytest.mark.parametrize("mode", ["full", "infllm"])
+def test_a_finished_generation_frees_its_memory_without_the_garbage_collector(tiny, monkeypatch, mode):
+    """The layers' references to their state are dropped when the generation ends: no
+    reference cycle keeps the caches alive until the collector's next pass (measured at
+    8K on the embedded model: 0.4 GiB held after each InfLLM generation)."""
+    import gc
+    import importlib
+    import weakref
+
+    gen = importlib.import_module("infllm_lite.generate")  # the module, not the function
+
+    made, make = [], gen.make_attention_state
+
+    def make_and_watch(*args, **kwargs):
+        state = make(*args, **kwargs)
+        made.append(weakref.ref(state))
+        return state
+
+    monkeypatch.setattr(gen, "make_attention_state", make_and_watch)
+    model, tok = tiny
+    gc.disable()
+    try:
+        ids = list(generate_ids(model, tok.encode("a memory. " * 20), max_new_tokens=3, attention=mode,
+                                memory=TINY_MEMORY if mode == "infllm" else None,
+                                attention_kernel="window-eager"))
+        assert len(ids) == 3 and made[0]() is None
+    finally:
+        gc.enable()

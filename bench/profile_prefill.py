@@ -1,5 +1,6 @@
 """Where one prefill's time goes: ``torch.profiler``'s operator table for a generation of
-one token from a passkey haystack, after an untimed warm generation (which compiles).
+one token from a passkey haystack (``transformers``: its forward over the prompt, the same
+weights), after an untimed warm generation (which compiles).
 
     python bench/profile_prefill.py --mode infllm --length 4096 [--threads 1] [--rows 25]
 
@@ -21,7 +22,7 @@ from torch.profiler import ProfilerActivity, profile
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mode", default="infllm", choices=("infllm", "streaming", "full"))
+    p.add_argument("--mode", default="infllm", choices=("infllm", "streaming", "full", "transformers"))
     p.add_argument("--length", type=int, default=4096)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--rows", type=int, default=25)
@@ -39,10 +40,18 @@ def main(argv=None) -> int:
     memory = MemoryConfig.for_model(ModelArgs.from_hf_config(json.loads((folder / "config.json").read_text())))
     ids = prompt_ids(Tokenizer.from_dir(folder), args.length)
 
-    def prefill():
-        for _ in generate_ids(model, ids, max_new_tokens=1, attention=args.mode,
-                              memory=None if args.mode == "full" else memory, stop_token_ids=()):
-            pass
+    if args.mode == "transformers":  # the same weights through transformers (sdpa), one call
+        import transformers
+        ref = transformers.AutoModelForCausalLM.from_pretrained(
+            folder, dtype=torch.float32, attn_implementation="sdpa").eval()
+
+        def prefill():
+            ref(torch.tensor([ids]), use_cache=True, logits_to_keep=1)
+    else:
+        def prefill():
+            for _ in generate_ids(model, ids, max_new_tokens=1, attention=args.mode,
+                                  memory=None if args.mode == "full" else memory, stop_token_ids=()):
+                pass
 
     with torch.inference_mode():
         prefill()  # warm-up: compiles

@@ -28,30 +28,28 @@ def main(argv=None) -> int:
     p.add_argument("--rows", type=int, default=25)
     args = p.parse_args(argv)
 
-    from infllm_lite import MemoryConfig, ModelArgs, Tokenizer, generate_ids, load_model
+    from infllm_lite import MemoryConfig, ModelArgs, Tokenizer, load_model
     from infllm_lite.weights.embedded import embedded_model_dir
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from scaling import prompt_ids
+    from scaling import prompt_ids, run_ours, run_transformers  # the benchmark's own prefill
 
     torch.set_num_threads(args.threads)
     folder = embedded_model_dir(progress=False)
-    model, _ = load_model(folder, dtype=torch.float32, device="cpu", progress=False)
-    memory = MemoryConfig.for_model(ModelArgs.from_hf_config(json.loads((folder / "config.json").read_text())))
     ids = prompt_ids(Tokenizer.from_dir(folder), args.length)
-
     if args.mode == "transformers":  # the same weights through transformers (sdpa), one call
         import transformers
         ref = transformers.AutoModelForCausalLM.from_pretrained(
             folder, dtype=torch.float32, attn_implementation="sdpa").eval()
 
         def prefill():
-            ref(torch.tensor([ids]), use_cache=True, logits_to_keep=1)
+            run_transformers(ids, 0, ref)
     else:
+        model, _ = load_model(folder, dtype=torch.float32, device="cpu", progress=False)
+        memory = MemoryConfig.for_model(ModelArgs.from_hf_config(json.loads((folder / "config.json").read_text())))
+
         def prefill():
-            for _ in generate_ids(model, ids, max_new_tokens=1, attention=args.mode,
-                                  memory=None if args.mode == "full" else memory, stop_token_ids=()):
-                pass
+            run_ours(args.mode, ids, 0, model, memory)
 
     with torch.inference_mode():
         prefill()  # warm-up: compiles

@@ -115,7 +115,7 @@ def one_cell(mode: str, length: int, new_tokens: int, runs: int, cell_seconds: f
         timings = []
         while len(timings) < runs:
             timings.append(run(ids, new_tokens))
-            if len(timings) == 1:  # one generation's peak: later runs add only allocator slack
+            if len(timings) == 1:  # one generation's peak (the all-runs peak is kept beside it)
                 peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
             spent = sum(a + b for a, b in timings)
             if spent / len(timings) * runs > cell_seconds and len(timings) >= 1:

@@ -191,7 +191,7 @@ def test_auto_kernel_is_window_on_the_cpu_and_flex_elsewhere():
         resolve_kernel("fast", "cpu")
 
 
-@pytest.mark.parametrize("mode", ["full", "infllm"])
+@pytest.mark.parametrize("mode", ["full", "streaming", "infllm"])
 def test_a_finished_generation_frees_its_memory_without_the_garbage_collector(tiny, monkeypatch, mode):
     """The layers' references to their state are dropped when the generation ends: no
     reference cycle keeps the caches alive until the collector's next pass (measured at
@@ -214,7 +214,7 @@ def test_a_finished_generation_frees_its_memory_without_the_garbage_collector(ti
     gc.disable()
     try:
         ids = list(generate_ids(model, tok.encode("a memory. " * 20), max_new_tokens=3, attention=mode,
-                                memory=TINY_MEMORY if mode == "infllm" else None,
+                                memory=None if mode == "full" else TINY_MEMORY,
                                 attention_kernel="window-eager"))
         assert len(ids) == 3 and made[0]() is None
     finally:

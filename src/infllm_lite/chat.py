@@ -63,7 +63,7 @@ class ChatSession:
     # ------------------------------------------------------------------ conversation
     def reset(self) -> None:
         """Forget the conversation (the system message stays)."""
-        if getattr(self, "state", None) is not None and hasattr(self.state, "close"):
+        if getattr(self, "state", None) is not None:
             self.state.close()
         param = next(self.model.parameters())
         self.state = make_attention_state(self.attention, self.model.args, capacity=self.capacity,
@@ -198,8 +198,7 @@ class ChatSession:
             raise InfLLMLiteError(f"{path} is a memory snapshot but not a chat's (no conversation in it)")
         session = cls(model, tokenizer, attention=snap.mode, memory=snap.memory, system=saved.get("system"),
                       kernel=kernel, capacity=capacity, **options)
-        if hasattr(session.state, "close"):
-            session.state.close()
+        session.state.close()
         session.state, session.tokens = snap.state, snap.tokens
         session.messages, session._text = saved["messages"], saved["text"]
         return session

@@ -114,8 +114,7 @@ def _prefill_and_decode(model, state, ids, max_new_tokens, stop_token_ids, chunk
     finally:  # also when the caller stops early: the memory's counters, then its files
         if hasattr(state, "stats"):
             stats.memory = state.stats()
-        if hasattr(state, "close"):
-            state.close()
+        state.close()
 
 
 def _clock(device: torch.device) -> float:

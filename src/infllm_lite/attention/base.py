@@ -20,7 +20,10 @@ if TYPE_CHECKING:
 
 
 class LayerAttention:
-    """One layer's attention memory."""
+    """One layer's attention memory; ``state`` is the :class:`AttentionState` it belongs to
+    (None once that state is closed)."""
+
+    state: "AttentionState | None"
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                cos: torch.Tensor, sin: torch.Tensor, rope: "RotaryEmbedding") -> torch.Tensor:
@@ -87,6 +90,14 @@ class AttentionState:
     def advance(self, n_tokens: int) -> None:
         """Record that n_tokens more tokens went through every layer."""
         self.length += n_tokens
+
+    def close(self) -> None:
+        """End of the generation: drop the layers' references back to this state, so that
+        its memory is freed as soon as the caller lets go of it, not at the garbage
+        collector's next pass (measured, InfLLM at 8K: 0.4 GiB still held after a generation
+        until ``gc.collect()``). The state is not used afterwards. Idempotent."""
+        for layer in self.layers:
+            layer.state = None
 
 
 def attend_in_calls(state: AttentionState, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

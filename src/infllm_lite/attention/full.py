@@ -128,13 +128,6 @@ class FullAttentionState(AttentionState):
         self.slots = torch.arange(capacity, device=self.device)  # (C,) position held by each slot
         self.layers = [FullLayerAttention(self, args) for _ in range(args.n_layers)]
 
-    def close(self) -> None:
-        """End of the generation: drop the layers' references to this state, so that its
-        caches are freed as soon as the caller lets go of it (not at the garbage
-        collector's next pass). Idempotent."""
-        for layer in self.layers:
-            layer.state = None
-
     def positions(self, n_tokens: int) -> torch.Tensor:
         if self.length + n_tokens > self.capacity:
             raise InfLLMLiteError(

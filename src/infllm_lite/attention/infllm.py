@@ -359,13 +359,11 @@ class InfLLMState(AttentionState):
         return sum((layer.pool.stats() for layer in self.layers), PoolStats())
 
     def close(self) -> None:
-        """Release the pools (their offload files) and the layers' references to this
-        state, so that its memory is freed as soon as the caller lets go of it rather than
-        at the garbage collector's next pass (measured at 8K: 0.4 GiB still held after a
-        generation until ``gc.collect()``). ``stats()`` still works. Idempotent."""
+        """Release the pools (their offload files), then the layers' references to this
+        state (:meth:`AttentionState.close`). ``stats()`` still works. Idempotent."""
         for layer in self.layers:
             layer.pool.close()
-            layer.state = None
+        super().close()
 
     def geometry(self, s: int, e: int, tail_start: int, rope: RotaryEmbedding) -> ChunkGeometry:
         """Positions, rotations and tile masks of the chunk [s, e): identical in every

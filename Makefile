@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test clean
+.PHONY: install demo test bench clean
 
 install: $(STAMP)
 
@@ -23,6 +23,16 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q --durations=12
+
+# The benchmarks behind README's tables (hours on 2 cores; --resume goes on after an
+# interruption). LLAMA_CPP=1 also installs llama-cpp-python (builds llama.cpp, ~10 min)
+# for its rows. BENCH_OUT=docs/results rewrites the committed results.
+BENCH_OUT ?= bench_out
+bench: $(STAMP)
+	$(if $(LLAMA_CPP),$(PY) -m pip install -q "llama-cpp-python>=0.3")
+	$(PY) bench/scaling.py --runs 3 --out $(BENCH_OUT)/scaling_smollm2 --resume
+	$(PY) bench/compare_transformers.py --prompt-len 2048 --new-tokens 32 --runs 5 \
+		--out $(BENCH_OUT)/full_attention_vs_transformers_2k.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,5 +1,6 @@
 """Prefill and decode throughput of our full-attention path against transformers, on the
-embedded SmolLM2-135M-Instruct, measured in the same run.
+embedded SmolLM2-135M-Instruct, measured in the same run; and llama.cpp on the same GGUF
+file when ``llama-cpp-python`` is installed (``bench/llama_cpp_engine.py``).
 
     python bench/compare_transformers.py --prompt-len 2048 --new-tokens 32 --runs 3
 
@@ -14,14 +15,17 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from infllm_lite import load_model
-from infllm_lite.attention.full import FullAttentionState
-from infllm_lite.weights.embedded import embedded_gguf_path
+sys.path.insert(0, str(Path(__file__).parent))  # bench/llama_cpp_engine.py
+
+from infllm_lite import load_model  # noqa: E402
+from infllm_lite.attention.full import FullAttentionState  # noqa: E402
+from infllm_lite.weights.embedded import embedded_gguf_path  # noqa: E402
 
 
 def time_ours(model, ids, new_tokens, compiled):
@@ -38,6 +42,7 @@ def time_ours(model, ids, new_tokens, compiled):
         logits = step(token, state.positions(1), state)
         state.advance(1)
     t2 = time.perf_counter()
+    state.close()
     return t1 - t0, t2 - t1
 
 
@@ -58,6 +63,7 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--skip-transformers", action="store_true")
+    p.add_argument("--skip-llama-cpp", action="store_true", help="leave llama.cpp out even when installed")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = p.parse_args()
 
@@ -73,6 +79,15 @@ def main() -> None:
                                                                 dtype=torch.float32).eval()
         ref.config._attn_implementation = "sdpa"
         engines["transformers-sdpa"] = lambda: time_transformers(ref, ids, args.new_tokens)
+    if not args.skip_llama_cpp:
+        from llama_cpp_engine import llama_cpp_installed, load_llama_cpp, run_llama_cpp
+        if llama_cpp_installed():
+            llm = load_llama_cpp(embedded_gguf_path(), args.prompt_len + args.new_tokens + 8,
+                                 torch.get_num_threads())
+            prompt = ids[0].tolist()
+            engines["llama.cpp"] = lambda: run_llama_cpp(llm, prompt, args.new_tokens)
+        else:
+            print("llama.cpp: not installed (pip install llama-cpp-python), left out")
 
     results, timings = {}, {name: [] for name in engines}
     with torch.inference_mode():
@@ -86,12 +101,13 @@ def main() -> None:
     for name, runs in timings.items():
         prefill, decode = zip(*runs)
         results[name].update(prefill_tok_s=args.prompt_len / statistics.median(prefill),
-                             decode_tok_s=args.new_tokens / statistics.median(decode))
+                             decode_tok_s=args.new_tokens / statistics.median(decode),
+                             prefill_s_all=list(prefill), decode_s_all=list(decode))
         print(f"{name:18s} prefill {results[name]['prefill_tok_s']:7.1f} tok/s   "
               f"decode {results[name]['decode_tok_s']:6.1f} tok/s   (warm-up {results[name]['warmup_s']:.1f} s)")
     if "transformers-sdpa" in results:
         ref = results["transformers-sdpa"]
-        for name in ("ours-eager", "ours-compiled"):
+        for name in [n for n in results if n != "transformers-sdpa"]:
             print(f"{name}: prefill {results[name]['prefill_tok_s'] / ref['prefill_tok_s']:.2f}x, "
                   f"decode {results[name]['decode_tok_s'] / ref['decode_tok_s']:.2f}x transformers")
     if args.out:

@@ -1,9 +1,13 @@
 """Throughput and memory against context length for each attention mode, and for
-transformers on the same model, in one run: prefill tokens/s, time to first token, decode
-tokens/s at that context, peak resident memory and KV bytes.
+transformers and llama.cpp on the same model, in one run: prefill tokens/s, time to first
+token, decode tokens/s at that context, peak resident memory and KV bytes.
 
     python bench/scaling.py --lengths 1k,2k,4k,8k,16k,32k,64k,128k \\
-        --modes infllm,streaming,full,transformers --runs 3 --out docs/results/scaling_smollm2
+        --modes infllm,streaming,full,transformers,llama.cpp --runs 3 --out docs/results/scaling_smollm2
+
+llama.cpp (``llama-cpp-python`` on the embedded GGUF file, as stored: Q4_1 weights,
+float16 KV cache; ``bench/llama_cpp_engine.py``) is left out, and said so, when it is not
+installed; the float32 roofline does not apply to it.
 
 Every (mode, length) cell runs in a fresh process (its peak RSS is its own) that warms up
 first (compiles what it compiles; the warm-up time is reported, never timed with the
@@ -40,7 +44,10 @@ from pathlib import Path
 
 import torch
 
-MODES = ("infllm", "streaming", "full", "transformers")
+sys.path.insert(0, str(Path(__file__).parent))  # bench/: roofline.py, llama_cpp_engine.py
+from llama_cpp_engine import llama_cpp_installed  # noqa: E402
+
+MODES = ("infllm", "streaming", "full", "transformers", "llama.cpp")
 
 
 # ---------------------------------------------------------------- one cell, in a child process
@@ -59,6 +66,8 @@ def kv_bytes(mode: str, args, length: int, memory) -> int:
         return memory_estimate(args, memory, length)["total"]  # fast tier + the blocks' store
     if mode == "streaming":
         return per_token * min(length, memory.n_init + memory.n_local)
+    if mode == "llama.cpp":
+        return per_token // 2 * length  # its default float16 KV cache
     return per_token * length
 
 
@@ -102,6 +111,13 @@ def one_cell(mode: str, length: int, new_tokens: int, runs: int, cell_seconds: f
 
         def run(prompt, n):
             return run_transformers(prompt, n, ref)
+    elif mode == "llama.cpp":  # the same GGUF file, as stored (Q4_1)
+        from llama_cpp_engine import load_llama_cpp, run_llama_cpp
+        from infllm_lite.weights.embedded import embedded_gguf_path
+        llm = load_llama_cpp(embedded_gguf_path(), len(ids) + new_tokens + 8, threads)
+
+        def run(prompt, n):
+            return run_llama_cpp(llm, prompt, n)
     else:
         model, _ = load_model(folder, dtype=torch.float32, device="cpu", progress=False)
 
@@ -165,7 +181,8 @@ def estimate_seconds(done: list[dict], length: int, new_tokens: int) -> float | 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lengths", default="1k,2k,4k,8k,16k,32k,64k,128k")
-    p.add_argument("--modes", default="infllm,streaming,full,transformers")
+    p.add_argument("--modes", default=",".join(MODES),
+                   help="llama.cpp is left out when llama-cpp-python is not installed")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--cell-seconds", type=float, default=900,
@@ -186,9 +203,9 @@ def main(argv=None) -> int:
     bad = [m for m in modes if m not in MODES]
     if bad:
         p.error(f"unknown modes {bad}; choose among {', '.join(MODES)}")
+    modes = available_modes(modes)
     lengths = sorted(parse_lengths(args.lengths))
     args.out.mkdir(parents=True, exist_ok=True)
-    sys.path.insert(0, str(Path(__file__).parent))
     from roofline import embedded_args, measure_peaks
     torch.set_num_threads(args.threads)
     args.peaks = measure_peaks(embedded_args())  # the roofline, same threads as the cells
@@ -238,6 +255,14 @@ def main(argv=None) -> int:
     return 0
 
 
+def available_modes(modes: list[str]) -> list[str]:
+    """``modes`` less llama.cpp when ``llama-cpp-python`` is not installed (said on stderr)."""
+    if "llama.cpp" in modes and not llama_cpp_installed():
+        print("llama.cpp: not installed (pip install llama-cpp-python), left out", file=sys.stderr)
+        return [m for m in modes if m != "llama.cpp"]
+    return modes
+
+
 def reusable_rows(previous: dict, args) -> list[dict]:
     """The cells of an earlier report that this run can keep: all of them when it measured
     with the same threads, runs and new tokens (its roofline is kept with them), none
@@ -252,10 +277,13 @@ def reusable_rows(previous: dict, args) -> list[dict]:
     return [r for r in old if r["mode"] in MODES]
 
 
-def roofline_of(row: dict, peaks: dict) -> dict:
-    """The fraction of the matmul peak prefill reaches and of the bandwidth bound decode
-    reaches (transformers computes full attention)."""
+def roofline_of(row: dict, peaks: dict) -> dict | None:
+    """The fraction of the float32 matmul peak prefill reaches and of the bandwidth bound
+    decode reaches (transformers computes full attention); None for llama.cpp, whose
+    quantized weights and float16 cache make it another roofline."""
     from roofline import roofline
+    if row["mode"] == "llama.cpp":
+        return None
     mode = "full" if row["mode"] == "transformers" else row["mode"]
     return roofline(row["prefill_tokens_per_s"], row["decode_tokens_per_s"], row["length"], mode,
                     peaks=peaks)
@@ -314,6 +342,10 @@ def targets(rows: list[dict]) -> list[dict]:
     return out
 
 
+def _percent(fraction: float | None) -> str:
+    return "–" if fraction is None else f"{fraction:.0%}"
+
+
 def _label(n: int) -> str:
     return f"{n // 1024}K" if n % 1024 == 0 else str(n)
 
@@ -330,12 +362,15 @@ def markdown(rows, skipped, modes, lengths, goals) -> str:
                 if s is not None:
                     lines.append(f"| {_label(n)} | {mode} | skipped: {s['reason']} | | | | | | | |")
                 continue
-            roof = r["roofline"]
+            roof = r["roofline"] or dict(prefill_fraction=None, decode_fraction=None)
             lines.append(f"| {_label(n)} | {mode} | {r['prefill_tokens_per_s']:.0f} "
-                         f"| {roof['prefill_fraction']:.0%} | {r['ttft_s']:.1f} s "
-                         f"| {r['decode_tokens_per_s']:.1f} | {roof['decode_fraction']:.0%} "
+                         f"| {_percent(roof['prefill_fraction'])} | {r['ttft_s']:.1f} s "
+                         f"| {r['decode_tokens_per_s']:.1f} | {_percent(roof['decode_fraction'])} "
                          f"| {r['peak_rss_bytes'] / 2**30:.2f} GiB "
                          f"| {r['kv_bytes'] / 2**20:.0f} MiB | {r['runs']} |")
+    if any(r["mode"] == "llama.cpp" for r in rows):
+        lines += ["", "llama.cpp runs the GGUF file as stored (Q4_1 weights, float16 KV cache): "
+                      "the float32 roofline does not apply to it (–)."]
     lines += ["", "| target (same run) | measured | goal |", "|---|---:|---:|"]
     for g in goals:
         value = "not measured" if g["value"] is None else f"{g['value']:.2f}x" + ("" if g["met"] else " (missed)")

@@ -47,3 +47,24 @@ def test_targets_compare_cells_of_the_run():
     table = scaling.markdown(rows, [dict(mode="full", length=4096, reason="too slow")],
                              ["full", "transformers"], [2048, 4096], scaling.targets(rows))
     assert "| 4K | full | skipped: too slow |" in table and "not measured" in table
+
+
+def test_llama_cpp_is_left_out_when_not_installed(monkeypatch, capsys):
+    monkeypatch.setattr(scaling, "llama_cpp_installed", lambda: False)
+    assert scaling.available_modes(["full", "llama.cpp"]) == ["full"]
+    assert "not installed" in capsys.readouterr().err
+    monkeypatch.setattr(scaling, "llama_cpp_installed", lambda: True)
+    assert scaling.available_modes(["full", "llama.cpp"]) == ["full", "llama.cpp"]
+
+
+def test_llama_cpp_rows_have_no_float32_roofline():
+    row = {**_row("llama.cpp", 2048), "roofline": scaling.roofline_of(_row("llama.cpp", 2048), peaks={})}
+    assert row["roofline"] is None
+    assert scaling.kv_bytes("llama.cpp", _args(), 2048, None) * 2 == scaling.kv_bytes("full", _args(), 2048, None)
+    table = scaling.markdown([_row("full", 2048), row], [], ["full", "llama.cpp"], [2048], [])
+    assert "| 2K | llama.cpp | 2048 | – | 1.0 s | 10.0 | – |" in table
+    assert "| 2K | full | 2048 | 50% |" in table and "float32 roofline does not apply" in table
+
+
+def _args():
+    return argparse.Namespace(n_layers=2, n_kv_heads=3, head_dim=64)

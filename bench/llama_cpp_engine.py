@@ -1,0 +1,38 @@
+"""llama.cpp (``llama-cpp-python``) on the embedded model's own GGUF file, as an outside
+reference for the benchmarks; optional: ``pip install llama-cpp-python`` (builds llama.cpp
+from source, about 10 minutes on 2 cores). It runs the GGUF as stored (the embedded file is
+Q4_1, so it reads about 5x fewer weight bytes per token than our float32 model) with its
+default float16 KV cache.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+
+
+def llama_cpp_installed() -> bool:
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+def load_llama_cpp(gguf_path, n_ctx: int, threads: int):
+    """A ``llama_cpp.Llama`` over ``gguf_path`` with room for ``n_ctx`` tokens, on ``threads``
+    threads for both prefill and decode; only the last position's logits are kept."""
+    from llama_cpp import Llama
+    return Llama(model_path=str(gguf_path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
+                 logits_all=False, verbose=False)
+
+
+def run_llama_cpp(llm, ids: list[int], new_tokens: int) -> tuple[float, float]:
+    """Greedy generation from ``ids`` with an empty KV cache: (seconds to the first new token,
+    seconds for the next ``new_tokens``), as ``scaling.run_transformers`` measures them."""
+    import numpy as np
+    llm.reset()  # forget the previous run's tokens; eval clears their KV entries
+    start = time.perf_counter()
+    llm.eval(ids)
+    token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    first = time.perf_counter()
+    for _ in range(new_tokens):
+        llm.eval([token])
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    return first - start, time.perf_counter() - first

@@ -23,16 +23,22 @@ def load_llama_cpp(gguf_path, n_ctx: int, threads: int):
                  logits_all=False, verbose=False)
 
 
+def _last_logits(llm):
+    """The logits of the last token ``llm`` evaluated, (vocab,) float32 (a view)."""
+    import llama_cpp
+    import numpy as np
+    return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
+
+
 def run_llama_cpp(llm, ids: list[int], new_tokens: int) -> tuple[float, float]:
     """Greedy generation from ``ids`` with an empty KV cache: (seconds to the first new token,
     seconds for the next ``new_tokens``), as ``scaling.run_transformers`` measures them."""
-    import numpy as np
     llm.reset()  # forget the previous run's tokens; eval clears their KV entries
     start = time.perf_counter()
     llm.eval(ids)
-    token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    token = int(_last_logits(llm).argmax())
     first = time.perf_counter()
     for _ in range(new_tokens):
         llm.eval([token])
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        token = int(_last_logits(llm).argmax())
     return first - start, time.perf_counter() - first

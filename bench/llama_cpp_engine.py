@@ -1,6 +1,7 @@
 """llama.cpp (``llama-cpp-python``) on the embedded model's own GGUF file, as an outside
-reference for the benchmarks; optional: ``pip install llama-cpp-python`` (builds llama.cpp
-from source, about 10 minutes on 2 cores). It runs the GGUF as stored (the embedded file is
+reference for the benchmarks; optional: ``make bench LLAMA_CPP=1`` installs
+``llama-cpp-python`` (builds llama.cpp from source, about 6 minutes on 2 cores, without
+AMX: these VMs report it and fault on it, "Illegal instruction"). It runs the GGUF as stored (the embedded file is
 Q4_1, so it reads about 5x fewer weight bytes per token than our float32 model) with its
 default float16 KV cache.
 """

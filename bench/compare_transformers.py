@@ -80,14 +80,14 @@ def main() -> None:
         ref.config._attn_implementation = "sdpa"
         engines["transformers-sdpa"] = lambda: time_transformers(ref, ids, args.new_tokens)
     if not args.skip_llama_cpp:
-        from llama_cpp_engine import llama_cpp_installed, load_llama_cpp, run_llama_cpp
+        from llama_cpp_engine import LLAMA_CPP_MISSING, llama_cpp_installed, load_llama_cpp, run_llama_cpp
         if llama_cpp_installed():
             llm = load_llama_cpp(embedded_gguf_path(), args.prompt_len + args.new_tokens + 8,
                                  torch.get_num_threads())
             prompt = ids[0].tolist()
             engines["llama.cpp"] = lambda: run_llama_cpp(llm, prompt, args.new_tokens)
         else:
-            print("llama.cpp: not installed (pip install llama-cpp-python), left out")
+            print(LLAMA_CPP_MISSING)
 
     results, timings = {}, {name: [] for name in engines}
     with torch.inference_mode():

@@ -1,15 +1,18 @@
 """llama.cpp (``llama-cpp-python``) on the embedded model's own GGUF file, as an outside
 reference for the benchmarks; optional: ``make bench LLAMA_CPP=1`` installs
 ``llama-cpp-python`` (builds llama.cpp from source, about 6 minutes on 2 cores, without
-AMX: these VMs report it and fault on it, "Illegal instruction"). It runs the GGUF as stored (the embedded file is
-Q4_1, so it reads about 5x fewer weight bytes per token than our float32 model) with its
-default float16 KV cache.
+AMX: these VMs report it and fault on it, "Illegal instruction"). It runs the GGUF as
+stored (the embedded file is Q4_1, so it reads about 5x fewer weight bytes per token than
+our float32 model) with its default float16 KV cache.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import time
+
+
+LLAMA_CPP_MISSING = "llama.cpp: not installed (make bench LLAMA_CPP=1 installs it), left out"
 
 
 def llama_cpp_installed() -> bool:

@@ -28,28 +28,20 @@ def main(argv=None) -> int:
     p.add_argument("--rows", type=int, default=25)
     args = p.parse_args(argv)
 
-    from infllm_lite import MemoryConfig, ModelArgs, Tokenizer, load_model
+    from infllm_lite import MemoryConfig, ModelArgs, Tokenizer
     from infllm_lite.weights.embedded import embedded_model_dir
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from scaling import prompt_ids, run_ours, run_transformers  # the benchmark's own prefill
+    from scaling import make_runner, prompt_ids  # the benchmark's own prefill
 
     torch.set_num_threads(args.threads)
     folder = embedded_model_dir(progress=False)
     ids = prompt_ids(Tokenizer.from_dir(folder), args.length)
-    if args.mode == "transformers":  # the same weights through transformers (sdpa), one call
-        import transformers
-        ref = transformers.AutoModelForCausalLM.from_pretrained(
-            folder, dtype=torch.float32, attn_implementation="sdpa").eval()
+    memory = MemoryConfig.for_model(ModelArgs.from_hf_config(json.loads((folder / "config.json").read_text())))
+    run = make_runner(args.mode, folder, memory, len(ids) + 8, args.threads)
 
-        def prefill():
-            run_transformers(ids, 0, ref)
-    else:
-        model, _ = load_model(folder, dtype=torch.float32, device="cpu", progress=False)
-        memory = MemoryConfig.for_model(ModelArgs.from_hf_config(json.loads((folder / "config.json").read_text())))
-
-        def prefill():
-            run_ours(args.mode, ids, 0, model, memory)
+    def prefill():
+        run(ids, 0)
 
     with torch.inference_mode():
         prefill()  # warm-up: compiles

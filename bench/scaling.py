@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # bench/: roofline.py, llama_cpp_engine.py
-from llama_cpp_engine import llama_cpp_installed  # noqa: E402
+from llama_cpp_engine import LLAMA_CPP_MISSING, llama_cpp_installed  # noqa: E402
 
 MODES = ("infllm", "streaming", "full", "transformers", "llama.cpp")
 
@@ -94,9 +94,29 @@ def run_transformers(ids: list[int], new_tokens: int, ref) -> tuple[float, float
     return first - start, time.perf_counter() - first
 
 
+def make_runner(mode: str, folder: Path, memory, n_ctx: int, threads: int):
+    """``run(prompt_ids, new_tokens) -> (seconds to the first new token, seconds for the
+    rest)`` for ``mode``, loading only the model that mode runs (a cell's peak RSS is its
+    own): ours from ``folder``, transformers from the same folder, llama.cpp from the
+    embedded GGUF with room for ``n_ctx`` tokens."""
+    if mode == "transformers":
+        import transformers
+        ref = transformers.AutoModelForCausalLM.from_pretrained(
+            folder, dtype=torch.float32, attn_implementation="sdpa").eval()
+        return lambda prompt, n: run_transformers(prompt, n, ref)
+    if mode == "llama.cpp":  # the same GGUF file, as stored (Q4_1)
+        from llama_cpp_engine import load_llama_cpp, run_llama_cpp
+        from infllm_lite.weights.embedded import embedded_gguf_path
+        llm = load_llama_cpp(embedded_gguf_path(), n_ctx, threads)
+        return lambda prompt, n: run_llama_cpp(llm, prompt, n)
+    from infllm_lite import load_model
+    model, _ = load_model(folder, dtype=torch.float32, device="cpu", progress=False)
+    return lambda prompt, n: run_ours(mode, prompt, n, model, memory)
+
+
 def one_cell(mode: str, length: int, new_tokens: int, runs: int, cell_seconds: float,
              threads: int) -> dict:
-    from infllm_lite import MemoryConfig, ModelArgs, Tokenizer, load_model
+    from infllm_lite import MemoryConfig, ModelArgs, Tokenizer
     from infllm_lite.weights.embedded import embedded_model_dir
 
     torch.set_num_threads(threads)
@@ -104,25 +124,7 @@ def one_cell(mode: str, length: int, new_tokens: int, runs: int, cell_seconds: f
     model_args = ModelArgs.from_hf_config(json.loads((folder / "config.json").read_text()))
     memory = MemoryConfig.for_model(model_args)
     ids = prompt_ids(Tokenizer.from_dir(folder), length)
-    if mode == "transformers":  # only its weights in this process (peak RSS)
-        import transformers
-        ref = transformers.AutoModelForCausalLM.from_pretrained(
-            folder, dtype=torch.float32, attn_implementation="sdpa").eval()
-
-        def run(prompt, n):
-            return run_transformers(prompt, n, ref)
-    elif mode == "llama.cpp":  # the same GGUF file, as stored (Q4_1)
-        from llama_cpp_engine import load_llama_cpp, run_llama_cpp
-        from infllm_lite.weights.embedded import embedded_gguf_path
-        llm = load_llama_cpp(embedded_gguf_path(), len(ids) + new_tokens + 8, threads)
-
-        def run(prompt, n):
-            return run_llama_cpp(llm, prompt, n)
-    else:
-        model, _ = load_model(folder, dtype=torch.float32, device="cpu", progress=False)
-
-        def run(prompt, n):
-            return run_ours(mode, prompt, n, model, memory)
+    run = make_runner(mode, folder, memory, len(ids) + new_tokens + 8, threads)
 
     with torch.inference_mode():
         t = time.perf_counter()
@@ -258,7 +260,7 @@ def main(argv=None) -> int:
 def available_modes(modes: list[str]) -> list[str]:
     """``modes`` less llama.cpp when ``llama-cpp-python`` is not installed (said on stderr)."""
     if "llama.cpp" in modes and not llama_cpp_installed():
-        print("llama.cpp: not installed (pip install llama-cpp-python), left out", file=sys.stderr)
+        print(LLAMA_CPP_MISSING, file=sys.stderr)
         return [m for m in modes if m != "llama.cpp"]
     return modes
 

@@ -44,7 +44,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def layer_run(kernel: str, device: str, q, k, v, calls, config, args):
     from infllm_lite.attention.base import attend_in_calls
     from infllm_lite.attention.infllm import InfLLMState
-    from infllm_lite.models.rope import RotaryEmbedding
+    from infllm_lite.rope import RotaryEmbedding
 
     state = InfLLMState(args, config, kernel=kernel, device=device)
     state.record = True

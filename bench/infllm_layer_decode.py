@@ -28,7 +28,7 @@ def one(length: int, steps: int) -> dict:
     from infllm_lite.attention.infllm import InfLLMState
     from infllm_lite.config import ModelArgs
     from infllm_lite.memory_config import MemoryConfig
-    from infllm_lite.models.rope import RotaryEmbedding
+    from infllm_lite.rope import RotaryEmbedding
 
     args = ModelArgs(model_type="llama", vocab_size=16, dim=576, n_layers=1, n_heads=9, n_kv_heads=3,
                      head_dim=64, intermediate_size=8, rope_theta=100000.0, max_position_embeddings=8192)

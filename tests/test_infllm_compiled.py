@@ -22,7 +22,7 @@ from infllm_lite.attention.base import attend_in_calls
 from infllm_lite.attention.infllm import InfLLMState
 from infllm_lite.config import ModelArgs
 from infllm_lite.memory_config import MemoryConfig, n_formed_blocks
-from infllm_lite.models.rope import RotaryEmbedding
+from infllm_lite.rope import RotaryEmbedding
 
 ARGS = ModelArgs(model_type="llama", vocab_size=16, dim=576, n_layers=1, n_heads=9, n_kv_heads=3,
                  head_dim=64, intermediate_size=8, rope_theta=100000.0, max_position_embeddings=8192)

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from infllm_lite.attention.base import attend_in_calls
 from infllm_lite.config import ModelArgs
 from infllm_lite.memory_config import MemoryConfig, n_formed_blocks
-from infllm_lite.models.rope import RotaryEmbedding, apply_rope
+from infllm_lite.rope import RotaryEmbedding, apply_rope
 
 from infllm_reference import ReferenceResult, execution_chunks, reference_infllm
 

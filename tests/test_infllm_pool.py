@@ -14,7 +14,7 @@ from infllm_lite.attention.base import attend_in_calls
 from infllm_lite.attention.infllm import InfLLMState
 from infllm_lite.config import ModelArgs
 from infllm_lite.memory_config import MemoryConfig, n_formed_blocks
-from infllm_lite.models.rope import RotaryEmbedding, apply_rope
+from infllm_lite.rope import RotaryEmbedding, apply_rope
 
 
 @pytest.mark.parametrize("kernel", ["torch", "flex-eager", "window-eager"])

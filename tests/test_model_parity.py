@@ -77,7 +77,7 @@ def test_one_query_attention_equals_sdpa(heads, S):
     """The decode step's attention (two matmuls sharing each KV head) against SDPA, with
     hidden keys (the static cache's unfilled slots, a sliding window)."""
     import torch.nn.functional as F
-    from infllm_lite.attention.full import one_query_attention
+    from infllm_lite.causal import one_query_attention
     H, Hkv = heads
     g = torch.Generator().manual_seed(S)
     q, k, v = torch.randn(2, H, 1, 16, generator=g), torch.randn(2, Hkv, S, 16, generator=g), torch.randn(2, Hkv, S, 16, generator=g)
@@ -93,7 +93,7 @@ def test_prefix_causal_attention_equals_masked_sdpa(heads, P, T):
     """A chunk after a cached prefix (the second prefill call of full attention): two flash
     calls merged by their log-sum-exp against SDPA with the explicit causal mask."""
     import torch.nn.functional as F
-    from infllm_lite.attention.full import prefix_causal_attention
+    from infllm_lite.causal import prefix_causal_attention
     H, Hkv = heads
     g = torch.Generator().manual_seed(P + T)
     q = torch.randn(2, H, T, 16, generator=g)

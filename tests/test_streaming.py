@@ -16,7 +16,7 @@ from infllm_lite.attention.full import FullAttentionState
 from infllm_lite.attention.streaming import StreamingState
 from infllm_lite.config import ModelArgs
 from infllm_lite.memory_config import MemoryConfig
-from infllm_lite.models.rope import RotaryEmbedding, apply_rope
+from infllm_lite.rope import RotaryEmbedding, apply_rope
 from infllm_lite.models.transformer import Transformer
 
 HEAD_DIM = 8

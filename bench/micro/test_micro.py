@@ -33,7 +33,7 @@ from infllm_lite.kernels.block_relevance import select_blocks
 from infllm_lite.kernels.representative_scores import representative_scores_torch
 from infllm_lite.memory import BlockPool
 from infllm_lite.memory_config import MemoryConfig
-from infllm_lite.models.rope import RotaryEmbedding
+from infllm_lite.rope import RotaryEmbedding
 from roofline import Cost, embedded_args
 
 FILL_BLOCKS = 64  # memory blocks per layer before the layer benchmarks

@@ -8,8 +8,7 @@ from dataclasses import asdict, dataclass, replace
 
 from .config import ModelArgs
 from .errors import InfLLMLiteError
-
-CACHE_POLICIES = ("lru", "lru-s")
+from .options import CACHE_POLICIES, DEFAULT_CHUNK_SIZE
 
 
 @dataclass(frozen=True)
@@ -25,7 +24,7 @@ class MemoryConfig:
     max_cached_blocks: int = 32  # fast-tier block slots per layer
     cache_policy: str = "lru"
     score_decay: float = 0.1  # lru-s only
-    chunk_size: int = 8192  # tokens per model call during prefill
+    chunk_size: int = DEFAULT_CHUNK_SIZE  # tokens per model call during prefill
     # Slow-tier budget: bytes of formed-block K/V kept in host memory over all layers (each
     # layer's pool gets an equal share); older blocks go to a memory-mapped file in
     # ``offload_dir``. None: unlimited (no disk tier).

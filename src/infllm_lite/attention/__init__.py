@@ -8,9 +8,8 @@ from ..config import ModelArgs
 from ..errors import InfLLMLiteError
 from ..memory_config import MemoryConfig
 from .base import AttentionState, LayerAttention
+from ..options import ATTENTION_MODES
 from .full import FullAttentionState
-
-ATTENTION_MODES = ("full", "streaming", "infllm")
 
 
 def make_attention_state(mode: str, args: ModelArgs, *, capacity: int,

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from ..models.rope import RotaryEmbedding
+    from ..rope import RotaryEmbedding
 
 
 class LayerAttention:

@@ -42,10 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-FLEX_BLOCK = 128  # FlexAttention's sparse block size: one BlockMask entry per 128 × 128 tile
-FAR = -(1 << 40)  # position of selected-block slots: far from every query
-EMPTY = 1 << 40  # position of unused slots: in every query's future, so never seen
-PAD_QUERY = -(1 << 41)  # position of padding query rows: sees nothing but the sentinel
+from .slots import EMPTY, FAR, FLEX_BLOCK, PAD_QUERY, compiled_once
+
 _BIG = 1 << 50
 
 
@@ -280,16 +278,6 @@ def _sentinel_call(q, k, v, q_pos, k_pos, tiles, n_local: int, far: bool):
 
     mask = BlockMask.from_kv_blocks(*tiles, BLOCK_SIZE=FLEX_BLOCK, mask_mod=mask_mod, seq_lengths=(T, S))
     return flex_attention(q, k, v, block_mask=mask, scale=1.0 / math.sqrt(q.shape[-1] - 2), enable_gqa=True)
-
-
-_COMPILED: dict[str, object] = {}
-
-
-def compiled_once(name: str, fn):
-    """``fn`` compiled once per process (static shapes and flags: one graph each)."""
-    if name not in _COMPILED:
-        _COMPILED[name] = torch.compile(fn, dynamic=False)
-    return _COMPILED[name]
 
 
 def _one_hot_values(G: int, T: int, like: torch.Tensor) -> torch.Tensor:

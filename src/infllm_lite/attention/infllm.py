@@ -56,7 +56,7 @@ from ..kernels.block_relevance import select_blocks
 from ..kernels.representative_scores import representative_scores
 from ..memory import BlockPool, PoolStats
 from ..memory_config import MemoryConfig, n_formed_blocks
-from ..models.rope import RotaryEmbedding, apply_rope
+from ..rope import RotaryEmbedding, apply_rope
 from .base import AttentionState, LayerAttention, copy_into
 from .flex_joint import (EMPTY, FAR, FLEX_BLOCK, PAD_QUERY, ChunkMasks, chunk_masks, compiled_once,
                          far_tiles, joint_attention_dense, joint_attention_flex)

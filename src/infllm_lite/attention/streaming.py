@@ -47,7 +47,7 @@ import torch
 
 from ..config import ModelArgs
 from ..memory_config import MemoryConfig
-from ..models.rope import RotaryEmbedding, apply_rope
+from ..rope import RotaryEmbedding, apply_rope
 from .base import AttentionState, LayerAttention, copy_into
 
 

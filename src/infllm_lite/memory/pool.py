@@ -45,7 +45,8 @@ from typing import Iterable, Sequence
 import torch
 
 from ..errors import InfLLMLiteError
-from ..memory_config import CACHE_POLICIES, MemoryConfig
+from ..memory_config import MemoryConfig
+from ..options import CACHE_POLICIES
 from .disk import DiskStore
 
 MIN_HOST_BLOCKS = 16  # first host ring capacity, when unlimited

@@ -1,9 +1,12 @@
 """Llama / Mistral / Qwen2 decoder in plain PyTorch (in the manner of gpt-fast's model.py).
 
 Module names follow Hugging Face checkpoints (minus the leading ``model.``), so a
-checkpoint's state dict loads without renaming. Attention goes through
-:class:`~infllm_lite.attention.base.LayerAttention`: the model computes un-rotated q/k/v
-and the attention state decides positions, memory and visibility.
+checkpoint's state dict loads without renaming. The model computes un-rotated q/k/v and
+hands them to an attention memory (any object with the interface of
+``infllm_lite.attention.base``: a state with ``layers``, ``positions(n)``,
+``advance(n)``, and per layer ``attend(q, k, v, positions, cos, sin, rope)``), which
+decides positions, memory and visibility. ``models/`` imports nothing of ``attention/``:
+the memories are built on top of the model, not inside it.
 """
 
 from __future__ import annotations
@@ -12,10 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..attention.base import AttentionState, LayerAttention
-from ..attention.full import causal_attention
+from ..causal import causal_attention
 from ..config import ModelArgs
-from .rope import RotaryEmbedding, apply_rope
+from ..rope import RotaryEmbedding, apply_rope
 
 
 class RMSNorm(nn.Module):
@@ -40,7 +42,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=args.o_bias)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                rope: RotaryEmbedding, memory: LayerAttention | None) -> torch.Tensor:
+                rope: RotaryEmbedding, memory=None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, d)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, d)
@@ -93,9 +95,10 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary_emb = RotaryEmbedding(args)
 
-    def forward(self, input_ids: torch.Tensor, state: AttentionState | None = None, *,
+    def forward(self, input_ids: torch.Tensor, state=None, *,
                 last_only: bool = False) -> torch.Tensor:
-        """input_ids: (B, T). With a state, continue its sequence and advance it by T.
+        """input_ids: (B, T). With a state (an ``AttentionState``), continue its sequence and
+        advance it by T; without, plain causal attention over the input.
 
         Returns logits (B, T, vocab), or (B, 1, vocab) with ``last_only`` (prefill needs
         only the last position: skips most of the vocabulary projection).
@@ -108,7 +111,7 @@ class Transformer(nn.Module):
         state.advance(T)
         return logits
 
-    def step(self, input_ids: torch.Tensor, positions: torch.Tensor, state: AttentionState | None,
+    def step(self, input_ids: torch.Tensor, positions: torch.Tensor, state,
              *, last_only: bool = False) -> torch.Tensor:
         """The pure compute of a forward call (no host-side bookkeeping): what gets compiled."""
         x = self.embed_tokens(input_ids)  # (B, T, dim)

@@ -34,7 +34,7 @@ import torch
 
 from ..config import ModelArgs
 from ..errors import InfLLMLiteError
-from ..models.rope import rope_inv_freq
+from ..rope import rope_inv_freq
 from .gguf_tokenizer import build_tokenizer
 
 # GGUF architecture -> (HF architectures[0], HF model_type)

@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-from ..config import ModelArgs
+from .config import ModelArgs
 
 
 def rope_inv_freq(args: ModelArgs) -> torch.Tensor:

@@ -181,7 +181,7 @@ def test_cli_eval_missing_data_fails_before_loading_the_model(tmp_path, capsys, 
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
     loads = []
-    monkeypatch.setattr("infllm_lite.cli._load", lambda args: loads.append(args))
+    monkeypatch.setattr("infllm_lite.eval.command.load_from_args", lambda args: loads.append(args))
     code = main(["eval", "--task", "narrativeqa", "--data-dir", str(tmp_path), "--out", str(tmp_path / "o")])
     assert code == 1 and not loads
     err = capsys.readouterr().err

@@ -8,7 +8,9 @@ import textwrap
 import time
 from pathlib import Path
 
+from .cli_support import load_from_args, memory_config_from_args, parse_max_len  # noqa: F401 (re-exported for tests)
 from .errors import InfLLMLiteError
+from .options import parse_lengths  # noqa: F401
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -82,13 +84,6 @@ def _add_memory_options(p: argparse.ArgumentParser) -> None:
                         "(plain, every logit materialised: for debugging)")
 
 
-def _memory_config(args, model):
-    """The MemoryConfig the memory options ask for (None: the model's default)."""
-    from .memory_config import MemoryConfig
-    overrides = {k: getattr(args, k) for k in MEMORY_OPTIONS if getattr(args, k) is not None}
-    return MemoryConfig.for_model(model.args, **overrides) if overrides else None
-
-
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
@@ -101,10 +96,6 @@ def parse_bytes(text: str) -> int:
     if not match or unit not in _UNITS or float(match.group(1)) * _UNITS[unit] < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size in bytes (e.g. 8GiB, 500MB, 1000000)")
     return int(float(match.group(1)) * _UNITS[unit])
-
-
-MEMORY_OPTIONS = ("n_init", "n_local", "block_size", "topk", "max_cached_blocks", "cache_policy",
-                  "max_host_bytes", "offload_dir")
 
 
 HELP_LINE = "Inside: /reset, /save FILE, /load FILE, /stats, /help, /exit; Ctrl-C stops an answer."
@@ -209,38 +200,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_lengths(text: str) -> list[int]:
-    """'4k,8K,16384' -> [4096, 8192, 16384]."""
-    out = []
-    for part in text.split(","):
-        part = part.strip().lower()
-        if not part:
-            continue
-        scale = 1024 if part.endswith("k") else 1
-        try:
-            value = int(part[:-1] if scale > 1 else part) * scale
-        except ValueError:
-            raise InfLLMLiteError(f"{part!r} is not a length in tokens (e.g. 4k, 8192)") from None
-        if value < 1:
-            raise InfLLMLiteError(f"lengths must be positive, got {part!r}")
-        out.append(value)
-    if not out:
-        raise InfLLMLiteError("--lengths names no length")
-    return out
-
-
-def parse_max_len(values: list[str] | None, modes: list[str]) -> dict:
-    """['full=none', '16k'] -> {'full': None, <every other mode>: 16384}."""
-    limits = {}
-    for value in values or []:
-        mode, _, limit = value.rpartition("=")
-        targets = [mode] if mode else modes
-        number = None if limit.strip().lower() == "none" else parse_lengths(limit)[0]
-        for m in targets:
-            limits[m] = number
-    return limits
-
-
 def _read_prompt(args) -> str:
     if args.prompt is not None:
         return args.prompt
@@ -254,14 +213,6 @@ def _read_text(path: Path, what: str) -> str:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise InfLLMLiteError(f"{what} {path} is not UTF-8 text (byte {e.start})") from e
-
-
-def _load(args):
-    import torch
-
-    from .loading import load_model
-    dtype = getattr(torch, args.dtype) if args.dtype else None
-    return load_model(args.model, dtype=dtype, device=args.device)
 
 
 def _stream_to_stdout(pieces) -> int:
@@ -281,11 +232,11 @@ def cmd_generate(args) -> None:
         raise InfLLMLiteError("the prompt is empty")
     if args.max_new_tokens < 1:
         raise InfLLMLiteError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    model, tokenizer = _load(args)
+    model, tokenizer = load_from_args(args)
     if args.chat:
         messages = [{"role": "system", "content": args.system}] if args.system else []
         prompt = messages + [{"role": "user", "content": prompt}]
-    memory = _memory_config(args, model)
+    memory = memory_config_from_args(args, model)
     pieces, stats = generate(model, tokenizer, prompt, max_new_tokens=args.max_new_tokens, memory=memory,
                              attention=args.attention, temperature=args.temperature, top_p=args.top_p,
                              top_k=args.top_k, seed=args.seed, stop=args.stop, stream=True,
@@ -313,7 +264,7 @@ def cmd_demo(args) -> None:
         raise InfLLMLiteError(f"--length must be at least 1, got {args.length}")
     if not 0.0 <= args.depth <= 1.0:
         raise InfLLMLiteError(f"--depth must be in [0, 1], got {args.depth}")
-    model, tokenizer = _load(args)
+    model, tokenizer = load_from_args(args)
     native = model.args.max_position_embeddings
     sample = make_passkey_sample(tokenizer, args.length, args.depth, args.seed)
     prompt_ids = encode_prompt(tokenizer, sample.messages)
@@ -365,7 +316,7 @@ def _warm_up_infllm(model, prompt_ids) -> None:
 def _demo_question(args) -> None:
     """The short demo: one question, the answer streamed."""
     from .generate import encode_prompt, generate_ids
-    model, tokenizer = _load(args)
+    model, tokenizer = load_from_args(args)
     messages = [{"role": "user", "content": args.question}]
     prompt_ids = encode_prompt(tokenizer, messages)
     print(f"question: {args.question}\nanswer: ", end="", flush=True)
@@ -442,24 +393,8 @@ def _minutes(seconds: float) -> str:
 
 
 def cmd_eval(args) -> None:
-    from .eval.runner import EvalPlan, run_eval
-    modes = [m.strip() for m in args.attention.split(",") if m.strip()]
-    plan = EvalPlan(tasks=[t.strip() for t in args.task.split(",") if t.strip()], modes=modes,
-                    lengths=parse_lengths(args.lengths) if args.lengths else None,
-                    samples=args.samples or None, seed=args.seed, data_dir=args.data_dir,
-                    max_len=parse_max_len(args.max_len, modes), chunk_size=args.chunk_size,
-                    attention_kernel=args.attention_kernel, official=args.official)
-    plan.check()  # before loading the model: bad options and missing data fail fast
-    if args.report_only:
-        from .eval.runner import report_only
-        print(report_only(plan, args.out, plots=not args.no_plots)["table"])
-        return
-    plan.load_data()
-    model, tokenizer = _load(args)
-    plan.memory = _memory_config(args, model)
-    summary = run_eval(model, tokenizer, plan, args.out, plots=not args.no_plots)
-    print(summary["table"])
-    print(f"wrote {Path(args.out) / 'summary.md'}, summary.json and predictions.jsonl")
+    from .eval.command import run_eval_command
+    run_eval_command(args)
 
 
 def cmd_chat(args) -> None:
@@ -467,7 +402,7 @@ def cmd_chat(args) -> None:
     from .chat_cli import run_chat
     if args.file is not None:
         document = _read_text(args.file, "document")
-    model, tokenizer = _load(args)
+    model, tokenizer = load_from_args(args)
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                    top_k=args.top_k, seed=args.seed, kernel=args.attention_kernel)
     if args.load is not None:
@@ -475,7 +410,7 @@ def cmd_chat(args) -> None:
         print(f"loaded {session.state.length} tokens and {len(session.messages)} messages from {args.load}")
     else:
         session = ChatSession(model, tokenizer, attention=args.attention, system=args.system,
-                              memory=_memory_config(args, model), **options)
+                              memory=memory_config_from_args(args, model), **options)
     if args.file is not None:
         n = session.read(document, progress=True)
         print(f"read {args.file} ({n} tokens)")

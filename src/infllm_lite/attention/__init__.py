@@ -38,5 +38,12 @@ def make_attention_state(mode: str, args: ModelArgs, *, capacity: int,
     return InfLLMState(args, memory, batch_size=batch_size, dtype=dtype, device=device, kernel=kernel)
 
 
-__all__ = ["ATTENTION_MODES", "AttentionState", "FullAttentionState", "LayerAttention",
+def kernel_name(kernel: str, device: torch.device | str) -> str:
+    """The InfLLM kernel ``kernel`` (one of ``options.ATTENTION_KERNELS``) resolves to on
+    ``device`` (``auto`` -> ``window`` on the CPU, ``flex`` elsewhere)."""
+    from .infllm import resolve_kernel
+    return resolve_kernel(kernel, device)
+
+
+__all__ = ["kernel_name", "ATTENTION_MODES", "AttentionState", "FullAttentionState", "LayerAttention",
            "make_attention_state"]

@@ -91,6 +91,11 @@ class AttentionState:
         """Record that n_tokens more tokens went through every layer."""
         self.length += n_tokens
 
+    def stats(self):
+        """The memory's block-pool counters (a ``memory.PoolStats``), or None for a memory
+        without a block pool (full attention, StreamingLLM)."""
+        return None
+
     def close(self) -> None:
         """End of the generation: drop the layers' references back to this state, so that
         its memory is freed as soon as the caller lets go of it, not at the garbage

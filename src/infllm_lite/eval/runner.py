@@ -23,7 +23,7 @@ from typing import Iterator
 
 from tqdm.auto import tqdm
 
-from ..attention.infllm import resolve_kernel
+from ..attention import kernel_name
 from ..errors import InfLLMLiteError
 from ..generate import encode_prompt, generate
 from ..memory_config import MemoryConfig
@@ -149,7 +149,7 @@ def predict(model, tokenizer, spec: TaskSpec, ids: list[int], mode: str, plan: E
     text, stats = generate(model, tokenizer, ids, max_new_tokens=spec.max_new_tokens, attention=mode,
                            stop=list(spec.stop), memory=memory, chunk_size=plan.chunk_size,
                            attention_kernel=plan.attention_kernel, return_stats=True)
-    kernel = resolve_kernel(plan.attention_kernel, next(model.parameters()).device) if mode == "infllm" else None
+    kernel = kernel_name(plan.attention_kernel, next(model.parameters()).device) if mode == "infllm" else None
     return text, dict(attention_kernel=kernel, prefill_seconds=round(stats.prefill_seconds, 3),
                       prefill_tokens_per_s=round(stats.prefill_tokens_per_second, 1),
                       new_tokens=stats.new_tokens,

@@ -54,7 +54,9 @@ class GenerationStats:
         if m is None:
             return line
         mib = 1 << 20
+        used = (f"hit rate {m.hit_rate:.1%} ({m.hits} hits, {m.misses} misses)" if m.hits + m.misses
+                else "no blocks used")
         return (f"{line}\nmemory: {m.blocks} blocks ({m.blocks_host} host, {m.blocks_disk} disk, "
-                f"{m.blocks_fast} cached), hit rate {m.hit_rate:.1%} ({m.hits} hits, {m.misses} misses), "
+                f"{m.blocks_fast} cached), {used}, "
                 f"moved {m.bytes_slow_to_fast / mib:.1f} MiB to the fast tier, "
                 f"{m.bytes_host_to_disk / mib:.1f} MiB to disk, {m.bytes_disk_to_host / mib:.1f} MiB from disk")

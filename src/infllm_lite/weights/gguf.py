@@ -286,11 +286,14 @@ def read_gguf(path: str | os.PathLike, progress: bool = False) -> GGUFCheckpoint
 
 
 def write_folder(ckpt: GGUFCheckpoint, folder: Path) -> None:
-    """Write a checkpoint's files into an existing empty ``folder``."""
+    """Write a checkpoint's files into an existing empty ``folder``, all with the
+    permissions of an ordinary new file (safetensors alone would make its file 0600)."""
     from safetensors.torch import save_file
 
     write_metadata_files(ckpt, folder)
-    save_file(ckpt.tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    weights = folder / "model.safetensors"
+    save_file(ckpt.tensors, str(weights), metadata={"format": "pt"})
+    os.chmod(weights, (folder / "config.json").stat().st_mode & 0o777)  # 0666 less the umask
 
 
 def write_metadata_files(ckpt: GGUFCheckpoint, folder: Path) -> None:
@@ -317,14 +320,9 @@ def convert_gguf(
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise InfLLMLiteError(f"{out_dir} already exists: remove it or choose another output folder")
-    ckpt = read_gguf(path, progress=progress)
+    tmp = _temporary_folder(out_dir)  # before the dequantization: an unwritable place fails at once
     try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-    except OSError as e:
-        raise InfLLMLiteError(f"cannot write into {out_dir.parent}: {e}") from e
-    try:
+        ckpt = read_gguf(path, progress=progress)
         write_folder(ckpt, tmp)
         _move_into_place(tmp, out_dir, overwrite)
     except BaseException as e:
@@ -335,6 +333,19 @@ def convert_gguf(
             raise InfLLMLiteError(f"cannot write the converted model to {out_dir}: {e}") from e
         raise
     return out_dir
+
+
+def _temporary_folder(out_dir: Path) -> Path:
+    """A new empty folder beside ``out_dir`` (its parents created), renamed into place later."""
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+    except FileExistsError as e:  # mkdir(exist_ok=True) on a file
+        raise InfLLMLiteError(f"cannot write into {out_dir.parent}: it is a file, not a folder") from e
+    except OSError as e:
+        raise InfLLMLiteError(f"cannot write into {out_dir.parent}: {e.strerror or e}") from e
+    return tmp
 
 
 def _move_into_place(tmp: Path, out_dir: Path, overwrite: bool) -> None:

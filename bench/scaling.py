@@ -44,6 +44,9 @@ from pathlib import Path
 
 import torch
 
+from infllm_lite.errors import InfLLMLiteError
+from infllm_lite.options import parse_lengths
+
 sys.path.insert(0, str(Path(__file__).parent))  # bench/: roofline.py, llama_cpp_engine.py
 from llama_cpp_engine import LLAMA_CPP_MISSING, llama_cpp_installed  # noqa: E402
 
@@ -153,15 +156,6 @@ def one_cell(mode: str, length: int, new_tokens: int, runs: int, cell_seconds: f
 
 # ---------------------------------------------------------------- the parent: plan, skip, report
 
-def parse_lengths(text: str) -> list[int]:
-    out = []
-    for part in text.split(","):
-        part = part.strip().lower()
-        if part:
-            out.append(int(part[:-1]) * 1024 if part.endswith("k") else int(part))
-    return out
-
-
 def estimate_seconds(done: list[dict], length: int, new_tokens: int) -> float | None:
     """One run's seconds at ``length``, fitted on the mode's finished cells: prefill time
     a·n + b·n² (least squares on the two longest), decode as measured at the longest."""
@@ -206,7 +200,10 @@ def main(argv=None) -> int:
     if bad:
         p.error(f"unknown modes {bad}; choose among {', '.join(MODES)}")
     modes = available_modes(modes)
-    lengths = sorted(parse_lengths(args.lengths))
+    try:
+        lengths = sorted(parse_lengths(args.lengths))
+    except InfLLMLiteError as e:
+        p.error(str(e))
     args.out.mkdir(parents=True, exist_ok=True)
     from roofline import embedded_args, measure_peaks
     torch.set_num_threads(args.threads)

@@ -1,6 +1,7 @@
 """The command line: it works, and bad input gets one clear line and a non-zero exit."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -16,10 +17,14 @@ def run_cli(capsys, *argv):
     return code, out, err
 
 
-def test_generate_streams_text(capsys, tiny_folder):
+def test_generate_streams_the_library_s_text(capsys, tiny_folder):
+    from infllm_lite import generate, load_model
+    model, tokenizer = load_model(str(tiny_folder), progress=False)
+    expected = generate(model, tokenizer, "Hello", max_new_tokens=5)
     code, out, err = run_cli(capsys, "generate", "--model", str(tiny_folder), "--prompt", "Hello",
                              "--max-new-tokens", "5")
-    assert code == 0 and out.strip() and not err.strip()
+    assert code == 0 and not err.strip()
+    assert expected.strip() and out == expected + "\n"  # the same greedy text, then a newline
 
 
 def test_generate_chat_answers_on_the_embedded_model(capsys, smollm_dir):
@@ -94,13 +99,16 @@ def test_bad_prompts_give_one_clear_line(capsys, tiny_folder, tmp_path):
         (["--prompt", "Hi", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
         (["--prompt-file", str(latin1)], "is not UTF-8 text"),
         (["--prompt-file", str(tmp_path / "nope.txt")], "does not exist"),
-        (["--prompt", "Hi", "--temperature", "-1"], "temperature must be >= 0"),
-        (["--prompt", "Hi", "--attention", "sparse"], "unknown attention mode"),
+        (["--prompt", "Hi", "--temperature", "-1"], "--temperature must be >= 0"),
     ]
     for argv, message in cases:
         code, _, err = run_cli(capsys, "generate", "--model", str(tiny_folder), *argv)
         assert code == 1, argv
         assert err.startswith("error: ") and message in err, (argv, err)
+    with pytest.raises(SystemExit) as exit_:  # argparse: a usage error naming the choices
+        run_cli(capsys, "generate", "--model", str(tiny_folder), "--prompt", "Hi", "--attention", "sparse")
+    assert exit_.value.code == 2
+    assert "invalid choice: 'sparse' (choose from 'full', 'streaming', 'infllm')" in capsys.readouterr().err
 
 
 def test_convert_rejects_a_missing_file(capsys, tmp_path):
@@ -121,8 +129,34 @@ def test_help_explains_each_command():
     proc = subprocess.run([sys.executable, "-m", "infllm_lite", "--help"], capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0
-    for command in ("generate", "convert", "demo"):
-        assert command in proc.stdout
+    for command, summary in (("generate", "continue a prompt"), ("convert", "convert a GGUF file"),
+                             ("demo", "long-context demo: find a pass key"), ("chat", "chat in the terminal"),
+                             ("eval", "evaluate on InfiniteBench / LongBench")):
+        assert re.search(rf"^\s+{command}\s+{re.escape(summary)}", proc.stdout, re.M), command
+
+
+def _help(capsys, command) -> str:
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    assert exit_.value.code == 0
+    return " ".join(capsys.readouterr().out.split())
+
+
+def test_chat_help_lists_the_commands_and_the_options(capsys):
+    text = _help(capsys, "chat")
+    assert "Inside: /reset, /save FILE, /load FILE, /stats, /help, /exit; Ctrl-C stops an answer." in text
+    for option in ("--attention {full,streaming,infllm}", "--file DOC", "--load FILE", "--system TEXT",
+                   "--max-new-tokens N", "--n-local N", "--attention-kernel"):
+        assert option in text, option
+    assert "default infllm" in text and "default 512" in text
+
+
+def test_eval_help_says_what_it_writes_and_how_to_resume(capsys):
+    text = _help(capsys, "eval")
+    assert "--task T[,T...]" in text and "--report-only" in text and "--max-len [MODE=]N|none" in text
+    assert "OUT/predictions.jsonl" in text and "run the same command again to resume" in text
+    assert "summary.json, summary.md and PNG plots" in text
+    assert "(default infllm,streaming,full)" in text and "(default eval_out)" in text
 
 
 def test_generate_with_infllm_memory_options(capsys, tiny_folder):
@@ -139,9 +173,13 @@ def test_generate_with_infllm_memory_options(capsys, tiny_folder):
 
 
 def test_the_kernel_choices_are_the_library_s():
-    from infllm_lite.attention.infllm import KERNELS
-    from infllm_lite.cli import ATTENTION_KERNELS
-    assert ATTENTION_KERNELS == KERNELS
+    from infllm_lite.cli import build_parser
+    from infllm_lite.options import ATTENTION_KERNELS  # the one list the library checks against
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices
+    for command in ("generate", "chat", "eval"):
+        kernel = next(a for a in sub[command]._actions if a.dest == "attention_kernel")
+        assert kernel.choices is ATTENTION_KERNELS
+    assert not hasattr(__import__("infllm_lite.cli", fromlist=["x"]), "_UNITS")  # no copy of parse_bytes
 
 
 def test_generate_with_memory_tier_options_prints_stats(capsys, tiny_folder, tmp_path):
@@ -162,7 +200,7 @@ def test_generate_with_memory_tier_options_prints_stats(capsys, tiny_folder, tmp
                            "--attention", "infllm", "--offload-dir", str(tmp_path / "missing"),
                            "--max-host-bytes", "1KiB", "--n-local", "16", "--block-size", "4",
                            "--topk", "2", "--n-init", "4")
-    assert code == 1 and "is not a directory" in err
+    assert code == 1 and "--offload-dir" in err and "does not exist; create it first" in err
     code, _, err = run_cli(capsys, "generate", "--model", str(tiny_folder), "--prompt", "Hi",
                            "--attention", "infllm", "--block-size", "0")
-    assert code == 1 and "block_size must be a positive integer" in err
+    assert code == 1 and "--block-size must be at least 1" in err

@@ -1,30 +1,34 @@
-"""The ``infllm-lite`` command line: generate, convert, demo."""
+"""The ``infllm-lite`` command line: generate, convert, demo, eval, chat (the parser and
+thin commands; the demo lives in ``demo.py``, eval's body in ``eval/command.py``)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 import textwrap
-import time
 from pathlib import Path
 
-from .cli_support import load_from_args, memory_config_from_args, parse_max_len  # noqa: F401 (re-exported for tests)
+from .cli_support import (MEMORY_OPTIONS, check_numbers, check_options_apply, check_writable_dir, flag,
+                          known_modes, load_from_args, memory_config_from_args,
+                          parse_max_len)  # noqa: F401 (parse_max_len re-exported for tests)
+from .demo import DEMO_LENGTH, DEMO_LENGTH_NOTE, FULL_BUDGET_S
 from .errors import InfLLMLiteError
-from .options import parse_lengths  # noqa: F401
+from .options import (ATTENTION_KERNELS, ATTENTION_MODES, CACHE_POLICIES, DEFAULT_CHUNK_SIZE,  # noqa: F401
+                      parse_bytes, parse_lengths)
 
 DTYPES = ("float32", "bfloat16", "float16")
+EMBEDDED_NATIVE_WINDOW = 8192  # the embedded SmolLM2-135M-Instruct's max_position_embeddings
+HELP_LINE = "Inside: /reset, /save FILE, /load FILE, /stats, /help, /exit; Ctrl-C stops an answer."
+COMPILE_NOTE = ("compiling the decode step with torch.compile (first use: about a minute; "
+                "cached on disk for later runs) ...")
 
-# The long-context demo (``infllm-lite demo``).
-DEMO_LENGTH = 32768  # prompt tokens by default
-DEMO_LENGTH_NOTE = ("4x the embedded model's native window; InfLLM (compiled FlexAttention, "
-                    "default memory) read it at 168-224 tokens/s in two runs, 2.5-3.5 min, on our "
-                    "2-core CPU machines, after compiling its attention once (cached on disk).")
-FULL_BUDGET_S = 300  # full attention is skipped when estimated to take longer
-FULL_PROBE = 2048  # tokens of the full-attention prefill timed for that estimate
-FULL_CHUNK = 2048  # full attention's prefill call size (bounds its attention-mask memory)
-# A flop of attention costs about twice a flop of the matmuls: fitted on the CPU (1 thread),
-# embedded model, from 2048- and 16384-token full prefills; the estimate is then within ~10%.
-FULL_ATTENTION_COST = 2.0
+
+def _size(text: str) -> int:
+    """argparse type for byte sizes (options.parse_bytes)."""
+    try:
+        return parse_bytes(text)
+    except InfLLMLiteError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
@@ -36,69 +40,53 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                    help="compute dtype (default: float32 on the CPU, bfloat16 on GPUs)")
 
 
-def _add_sampling_options(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
+def _add_sampling_options(p: argparse.ArgumentParser, max_new_tokens: int, why: str) -> None:
     p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, metavar="N",
-                   help=f"stop after N new tokens (default {max_new_tokens})")
+                   help=f"stop after N new tokens (default {max_new_tokens}: {why})")
     p.add_argument("--temperature", type=float, default=0.0, metavar="T",
-                   help="sampling temperature; 0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0: off)")
-    p.add_argument("--top-k", type=int, default=0, help="sample among the k best tokens (default 0: off)")
-    p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
-
-
-def _add_generation_options(p: argparse.ArgumentParser) -> None:
-    _add_sampling_options(p, 256)
-    p.add_argument("--stop", action="append", default=None, metavar="TEXT",
-                   help="stop before this string (repeatable)")
-    p.add_argument("--attention", default="full", metavar="MODE",
-                   help="full (default), streaming or infllm; infllm reads inputs far beyond the model's window")
-    p.add_argument("--chunk-size", type=int, default=None, help="prefill tokens per model call (default 8192)")
-    _add_memory_options(p)
-    p.add_argument("--compile", action="store_true",
-                   help="compile the whole decode step with torch.compile (full attention only)")
-    p.add_argument("--stats", action="store_true",
-                   help="print speed and memory-tier counters to stderr when done")
-
-
-# infllm_lite.attention.infllm.KERNELS, spelled out here so that --help needs no torch import
-ATTENTION_KERNELS = ("auto", "flex", "flex-eager", "window", "window-eager", "torch")
+                   help="sampling temperature (default 0: greedy)")
+    p.add_argument("--top-p", type=float, default=1.0, metavar="P",
+                   help="nucleus sampling mass (default 1.0: off)")
+    p.add_argument("--top-k", type=int, default=0, metavar="K",
+                   help="sample among the K best tokens (default 0: off)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="random seed for sampling (default: none, a fresh draw each run)")
 
 
 def _add_memory_options(p: argparse.ArgumentParser) -> None:
-    m = p.add_argument_group("memory (streaming and infllm; default: suited to the model's native window)")
-    for name, meaning in (("n-init", "initial (sink) tokens"), ("n-local", "local window in tokens"),
-                          ("block-size", "tokens per memory block"), ("topk", "blocks retrieved per chunk"),
-                          ("max-cached-blocks", "fast-tier block slots per layer")):
-        m.add_argument(f"--{name}", type=int, default=None, help=meaning)
-    m.add_argument("--cache-policy", choices=("lru", "lru-s"), default=None,
-                   help="which cached block the fast tier evicts (default lru)")
-    m.add_argument("--max-host-bytes", type=parse_bytes, default=None, metavar="SIZE",
+    from .config import ModelArgs
+    from .memory_config import MemoryConfig
+    m = MemoryConfig.for_model(ModelArgs(max_position_embeddings=EMBEDDED_NATIVE_WINDOW))
+    g = p.add_argument_group(
+        "memory (streaming uses --n-init and --n-local, infllm all; the defaults follow the model's "
+        f"native window, given here for SmolLM2's {EMBEDDED_NATIVE_WINDOW} tokens)")
+    g.add_argument("--n-init", type=int, default=None, metavar="N",
+                   help=f"initial (sink) tokens (default: 128, at most half the local window; "
+                        f"SmolLM2: {m.n_init})")
+    g.add_argument("--n-local", type=int, default=None, metavar="N",
+                   help=f"local window in tokens (default: 1/16 of the native window, 256 to 4096; "
+                        f"SmolLM2: {m.n_local})")
+    g.add_argument("--block-size", type=int, default=None, metavar="N",
+                   help=f"tokens per memory block (default {m.block_size})")
+    g.add_argument("--topk", type=int, default=None, metavar="N",
+                   help=f"blocks retrieved per chunk (default: as many blocks as the local window "
+                        f"holds, 2 to 16; SmolLM2: {m.topk})")
+    g.add_argument("--max-cached-blocks", type=int, default=None, metavar="N",
+                   help=f"fast-tier block slots per layer (default: 32, at least --topk; "
+                        f"SmolLM2: {m.max_cached_blocks})")
+    g.add_argument("--cache-policy", choices=CACHE_POLICIES, default=None,
+                   help=f"which cached block the fast tier evicts (default {m.cache_policy})")
+    g.add_argument("--max-host-bytes", type=_size, default=None, metavar="SIZE",
                    help="host memory for memory blocks, all layers (e.g. 8GiB); older blocks go to "
-                        "a file on disk (default: unlimited)")
-    m.add_argument("--offload-dir", default=None, metavar="DIR",
-                   help="directory of the offload file (default: a temporary directory, removed after)")
-    m.add_argument("--attention-kernel", default="auto", choices=ATTENTION_KERNELS,
-                   help="how infllm computes attention: auto (default: window on the CPU, flex on "
+                        "a file on disk (default: unlimited, no disk)")
+    g.add_argument("--offload-dir", default=None, metavar="DIR",
+                   help="existing directory of the offload file (default: a temporary directory, "
+                        "removed after)")
+    g.add_argument("--attention-kernel", default=None, choices=ATTENTION_KERNELS,
+                   help="how infllm computes attention: auto (the default: window on the CPU, flex on "
                         "a GPU), window (compiled dense attention over each query tile's key "
                         "window), flex (compiled FlexAttention), window-eager, flex-eager, or torch "
                         "(plain, every logit materialised: for debugging)")
-
-
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
-def parse_bytes(text: str) -> int:
-    """'8GiB', '500MB', '1.5gib', '123456' -> bytes."""
-    import re
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
-    unit = match and match.group(2).lower()
-    if not match or unit not in _UNITS or float(match.group(1)) * _UNITS[unit] < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size in bytes (e.g. 8GiB, 500MB, 1000000)")
-    return int(float(match.group(1)) * _UNITS[unit])
-
-
-HELP_LINE = "Inside: /reset, /save FILE, /load FILE, /stats, /help, /exit; Ctrl-C stops an answer."
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,19 +98,39 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="continue a prompt (or answer it with --chat)",
                        description="Generate text from a prompt and stream it to stdout.")
     src = g.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt", metavar="TEXT", help="the prompt text")
+    src.add_argument("--prompt", metavar="TEXT", help="the prompt text (this or --prompt-file)")
     src.add_argument("--prompt-file", metavar="FILE", type=Path, help="read the prompt from a UTF-8 file")
     g.add_argument("--chat", action="store_true",
                    help="send the prompt as a user message through the model's chat template")
-    g.add_argument("--system", metavar="TEXT", default=None, help="system message (with --chat)")
+    g.add_argument("--system", metavar="TEXT", default=None,
+                   help="system message (with --chat; default: none)")
     _add_model_options(g)
-    _add_generation_options(g)
+    _add_sampling_options(g, 256, "a raw continuation rarely ends by itself, so the cap is what "
+                             "stops it; chat's default is 512, a safety cap on answers that end at "
+                             "their end-of-turn token")
+    g.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="stop before this string (repeatable; default: none)")
+    g.add_argument("--attention", default="full", choices=ATTENTION_MODES,
+                   help="attention mode (default full: exact, for prompts within the model's native "
+                        "window; infllm reads inputs far beyond it; chat defaults to infllm because a "
+                        "conversation grows without bound)")
+    g.add_argument("--chunk-size", type=int, default=None, metavar="N",
+                   help=f"prefill tokens per model call (default {DEFAULT_CHUNK_SIZE})")
+    g.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
+                   help="print the text as it is generated (the default), or all of it at the end")
+    _add_memory_options(g)
+    g.add_argument("--compile", action="store_true",
+                   help="compile the whole decode step with torch.compile (full attention only; "
+                        "about a minute the first time)")
+    g.add_argument("--stats", action="store_true",
+                   help="print speed and memory-tier counters to stderr when done")
 
     c = sub.add_parser("convert", help="convert a GGUF file into a Hugging Face model folder",
                        description="Dequantize a GGUF checkpoint into config.json, model.safetensors "
                                    "(float32), tokenizer.json and tokenizer_config.json.")
-    c.add_argument("gguf", type=Path, metavar="FILE.gguf")
-    c.add_argument("out_dir", type=Path, metavar="OUT_DIR")
+    c.add_argument("gguf", type=Path, metavar="FILE.gguf", help="the GGUF checkpoint to convert")
+    c.add_argument("out_dir", type=Path, metavar="OUT_DIR",
+                   help="the model folder to write (must not exist, or be empty)")
 
     d = sub.add_parser(
         "demo", help="long-context demo: find a pass key hidden in a long text",
@@ -139,26 +147,29 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--depth", type=float, default=0.5, metavar="F",
                    help="where the key sits in the text: 0 = start, 1 = end (default 0.5)")
     d.add_argument("--seed", type=int, default=0, metavar="S", help="picks the key (default 0)")
-    d.add_argument("--attention", default="infllm", choices=("infllm", "streaming", "full"),
-                   help="attention mode that reads the haystack (default: infllm)")
+    d.add_argument("--attention", default="infllm", choices=ATTENTION_MODES,
+                   help="attention mode that reads the haystack (default infllm)")
     d.add_argument("--no-full", action="store_true",
                    help="do not compare with full attention")
     d.add_argument("--question", metavar="TEXT", default=None,
-                   help="instead of the haystack, ask a short question and stream the answer")
+                   help="instead of the haystack, ask a short question and stream the answer (full "
+                        "attention; default: none, the pass-key demo)")
     _add_model_options(d)
 
     ch = sub.add_parser(
         "chat", help="chat in the terminal; the whole conversation stays in the attention memory",
         description="A terminal chat: answers stream token by token, each turn reads only its new "
                     "tokens, /save and /load keep the memory across sessions. " + HELP_LINE)
-    ch.add_argument("--attention", default="infllm", choices=("infllm", "streaming", "full"),
-                    help="attention mode (default infllm: unbounded conversations)")
-    ch.add_argument("--system", metavar="TEXT", default=None, help="system message")
+    ch.add_argument("--attention", default=None, choices=ATTENTION_MODES,
+                    help="attention mode (default infllm: a conversation grows without bound, and "
+                         "full attention holds only the model's native window)")
+    ch.add_argument("--system", metavar="TEXT", default=None, help="system message (default: none)")
     ch.add_argument("--file", metavar="DOC", type=Path, default=None,
-                    help="read this UTF-8 document into the memory first (questions follow)")
+                    help="read this UTF-8 document into the memory first, questions follow "
+                         "(default: none)")
     ch.add_argument("--load", metavar="FILE", type=Path, default=None,
-                    help="continue a conversation saved with /save")
-    _add_sampling_options(ch, 512)
+                    help="continue a conversation saved with /save (default: a new one)")
+    _add_sampling_options(ch, 512, "a safety cap, answers end at their end-of-turn token")
     _add_memory_options(ch)
     _add_model_options(ch)
 
@@ -178,17 +189,20 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--attention", default="infllm,streaming,full", metavar="MODES",
                    help="attention modes, comma-separated (default infllm,streaming,full)")
     e.add_argument("--lengths", default=None, metavar="N[,N...]",
-                   help="prompt lengths in tokens, e.g. 4k,8k,16k,32k (generated tasks: required)")
+                   help="prompt lengths in tokens, e.g. 4k,8k,16k,32k (default: none; the generated "
+                        "tasks need them, official records are then truncated to each)")
     e.add_argument("--samples", type=int, default=10, metavar="N",
                    help="samples per task and length (default 10; 0 = every official record)")
     e.add_argument("--seed", type=int, default=0, help="seed of the generated samples (default 0)")
-    e.add_argument("--data-dir", default=None, metavar="DIR", help="folder of the official jsonl files")
+    e.add_argument("--data-dir", default=None, metavar="DIR",
+                   help="folder of the official jsonl files (default: the Hugging Face hub)")
     e.add_argument("--out", default="eval_out", metavar="DIR", help="output folder (default eval_out)")
     e.add_argument("--max-len", action="append", default=None, metavar="[MODE=]N|none",
                    help="truncate prompts above N tokens, the reference's way (the first 128 and "
                         "the last ones); default: full attention to the model's native window, "
                         "infllm and streaming unlimited (repeatable, e.g. --max-len full=none)")
-    e.add_argument("--chunk-size", type=int, default=None, help="prefill tokens per model call")
+    e.add_argument("--chunk-size", type=int, default=None, metavar="N",
+                   help=f"prefill tokens per model call (default {DEFAULT_CHUNK_SIZE})")
     e.add_argument("--official", action="store_true",
                    help="read passkey, number_string and kv_retrieval from the official files "
                         "instead of generating them")
@@ -207,12 +221,23 @@ def _read_prompt(args) -> str:
 
 
 def _read_text(path: Path, what: str) -> str:
+    if path.is_dir():
+        raise InfLLMLiteError(f"{what} {path} is a directory, not a file")
     if not path.is_file():
         raise InfLLMLiteError(f"{what} {path} does not exist")
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise InfLLMLiteError(f"{what} {path} is not UTF-8 text (byte {e.start})") from e
+
+
+def _check_memory_args(args, modes: list[str]) -> None:
+    """Before any work: the options given apply to ``modes``, the offload folder is writable;
+    then --attention-kernel gets its default."""
+    check_options_apply(args, modes)
+    if args.offload_dir is not None:
+        check_writable_dir(args.offload_dir, "--offload-dir", create=False)
+    args.attention_kernel = args.attention_kernel or "auto"
 
 
 def _stream_to_stdout(pieces) -> int:
@@ -227,22 +252,23 @@ def _stream_to_stdout(pieces) -> int:
 
 def cmd_generate(args) -> None:
     from .generate import generate
+    _check_memory_args(args, [args.attention])
     prompt = _read_prompt(args)
     if not prompt.strip():
         raise InfLLMLiteError("the prompt is empty")
-    if args.max_new_tokens < 1:
-        raise InfLLMLiteError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     model, tokenizer = load_from_args(args)
     if args.chat:
         messages = [{"role": "system", "content": args.system}] if args.system else []
         prompt = messages + [{"role": "user", "content": prompt}]
     memory = memory_config_from_args(args, model)
-    pieces, stats = generate(model, tokenizer, prompt, max_new_tokens=args.max_new_tokens, memory=memory,
-                             attention=args.attention, temperature=args.temperature, top_p=args.top_p,
-                             top_k=args.top_k, seed=args.seed, stop=args.stop, stream=True,
-                             chunk_size=args.chunk_size, compile=args.compile,
-                             attention_kernel=args.attention_kernel, return_stats=True)
-    _stream_to_stdout(pieces)
+    if args.compile:
+        print(COMPILE_NOTE, file=sys.stderr, flush=True)
+    text, stats = generate(model, tokenizer, prompt, max_new_tokens=args.max_new_tokens, memory=memory,
+                           attention=args.attention, temperature=args.temperature, top_p=args.top_p,
+                           top_k=args.top_k, seed=args.seed, stop=args.stop, stream=args.stream,
+                           chunk_size=args.chunk_size, compile=args.compile,
+                           attention_kernel=args.attention_kernel, return_stats=True)
+    _stream_to_stdout(text if args.stream else [text])
     if args.stats:
         print(stats.summary(), file=sys.stderr)
 
@@ -254,152 +280,33 @@ def cmd_convert(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    if args.question is not None:
-        return _demo_question(args)
-    from .eval.passkey import make_passkey_sample, score_passkey
-    from .generate import encode_prompt
-    from .memory_config import MemoryConfig
-
-    if args.length < 1:
-        raise InfLLMLiteError(f"--length must be at least 1, got {args.length}")
-    if not 0.0 <= args.depth <= 1.0:
-        raise InfLLMLiteError(f"--depth must be in [0, 1], got {args.depth}")
-    model, tokenizer = load_from_args(args)
-    native = model.args.max_position_embeddings
-    sample = make_passkey_sample(tokenizer, args.length, args.depth, args.seed)
-    prompt_ids = encode_prompt(tokenizer, sample.messages)
-    name = args.model or "the embedded SmolLM2-135M-Instruct"
-    print(f"model: {name}, native window {native} tokens")
-    print(f"haystack: {sample.n_tokens} tokens ({sample.n_tokens / native:.1f}x the native window), "
-          f"a 5-digit pass key at depth {sample.depth:g} (token {sample.needle_token}, "
-          f"{sample.n_tokens - sample.needle_token} tokens back from the end of the prompt)")
-    if args.attention != "full":
-        m = MemoryConfig.for_model(model.args)
-        if args.attention == "infllm":
-            reach = m.n_init + m.n_local + (m.topk + 1) * m.block_size
-            print(f"infllm memory: {m.n_init} initial + {m.n_local} local tokens + the {m.topk} most "
-                  f"relevant blocks of {m.block_size} (at most {reach} keys per query), "
-                  f"{m.exc_block_size} queries per retrieval, {m.chunk_size} tokens per model call")
-        else:
-            print(f"streaming memory: {m.n_init} initial + {m.n_local} local tokens; the rest is dropped")
-
-    if args.attention == "infllm":
-        _warm_up_infllm(model, prompt_ids)
-    print(f"\n[{args.attention}] reading {sample.n_tokens} tokens ...", flush=True)
-    answer, seconds, prefill_tps = _demo_run(model, tokenizer, prompt_ids, args.attention, None)
-    _demo_report(answer, sample.key, seconds, prefill_tps, score_passkey)
-
-    if args.no_full or args.attention == "full":
-        return
-    reason = _full_attention_skip_reason(model, prompt_ids, native)
-    if reason:
-        print(f"\n[full attention] skipped: {reason}")
-        return
-    print(f"\n[full attention] reading the same {sample.n_tokens} tokens ...", flush=True)
-    answer, seconds, prefill_tps = _demo_run(model, tokenizer, prompt_ids, "full", FULL_CHUNK)
-    _demo_report(answer, sample.key, seconds, prefill_tps, score_passkey)
-
-
-def _warm_up_infllm(model, prompt_ids) -> None:
-    """Compile InfLLM's attention (a chunk and a decode step) outside the timed reading."""
-    from .generate import generate_ids
-    from .memory_config import MemoryConfig
-    exc = MemoryConfig.for_model(model.args).exc_block_size
-    print("\n[infllm] compiling the attention (first use; cached on disk for later runs) ...",
-          end="", flush=True)
-    start = time.perf_counter()
-    for _ in generate_ids(model, prompt_ids[:2 * exc + 7], max_new_tokens=2, attention="infllm"):
-        pass
-    print(f" {time.perf_counter() - start:.0f} s")
-
-
-def _demo_question(args) -> None:
-    """The short demo: one question, the answer streamed."""
-    from .generate import encode_prompt, generate_ids
-    model, tokenizer = load_from_args(args)
-    messages = [{"role": "user", "content": args.question}]
-    prompt_ids = encode_prompt(tokenizer, messages)
-    print(f"question: {args.question}\nanswer: ", end="", flush=True)
-    decoder = tokenizer.incremental_decoder()
-    stop_ids = set(tokenizer.stop_token_ids) | set(model.args.eos_token_ids)
-    start, n_tokens = time.perf_counter(), 0
-    for token_id in generate_ids(model, prompt_ids, max_new_tokens=128, stop_token_ids=stop_ids):
-        print(decoder.add(token_id), end="", flush=True)
-        n_tokens += 1
-    print(decoder.flush())
-    seconds = time.perf_counter() - start
-    print(f"[{len(prompt_ids)} prompt tokens, {n_tokens} new tokens in {seconds:.1f} s]")
-
-
-def _demo_run(model, tokenizer, prompt_ids, attention, chunk_size):
-    """Greedy answer (16 tokens at most) with a prefill progress bar; returns the answer,
-    the total seconds and the prefill speed (prompt tokens / time to the first new token)."""
-    from .generate import generate
-    start = time.perf_counter()
-    answer, stats = generate(model, tokenizer, prompt_ids, max_new_tokens=16, attention=attention,
-                             chunk_size=chunk_size, progress=True, return_stats=True)
-    return answer.strip(), time.perf_counter() - start, stats.prefill_tokens_per_second
-
-
-def _demo_report(answer, key, seconds, prefill_tps, score) -> None:
-    print(f"answer:   {answer}")
-    print(f"true key: {key}  ->  {'RIGHT' if score(answer, key) else 'WRONG'}")
-    print(f"time:     {seconds:.1f} s (prefill {prefill_tps:.0f} tokens/s)", flush=True)
-
-
-def _full_attention_skip_reason(model, prompt_ids, native) -> str | None:
-    """Why full attention is not run at this length (None: run it): more than 4x the native
-    window, or an estimated time above FULL_BUDGET_S."""
-    n = len(prompt_ids)
-    if n <= FULL_PROBE:
-        return None
-    too_long = n > 4 * native
-    seconds, basis = _full_attention_estimate(model, prompt_ids)
-    estimate = f"about {_minutes(seconds)} here ({basis})"
-    if too_long:
-        return (f"{n} tokens is more than 4x the model's native window of {native}: full attention "
-                f"would read positions it never saw in training, and it would take {estimate}")
-    if seconds > FULL_BUDGET_S:
-        return (f"it would take {estimate}, more than this demo's "
-                f"{FULL_BUDGET_S // 60}-minute limit")
-    return None
-
-
-def _full_attention_estimate(model, prompt_ids) -> tuple[float, str]:
-    """Seconds full attention needs to prefill ``prompt_ids``: a measured prefill of the
-    first FULL_PROBE tokens, scaled by the floating-point work (matmuls grow linearly with
-    the length, causal attention quadratically, at half the speed: FULL_ATTENTION_COST)."""
-    from .generate import generate_ids
-    n = len(prompt_ids)
-    probe = min(n, FULL_PROBE)
-    start = time.perf_counter()
-    for _ in generate_ids(model, prompt_ids[:probe], max_new_tokens=1, attention="full",
-                          chunk_size=FULL_CHUNK):
-        pass
-    measured = time.perf_counter() - start
-    a = model.args
-    linear = 2 * sum(p.numel() for name, p in model.named_parameters() if name.startswith("layers."))
-    # causal: L²/2 pairs, QK and PV, 2 flops each; weighted by FULL_ATTENTION_COST
-    quadratic = FULL_ATTENTION_COST * 2 * a.n_layers * a.n_heads * a.head_dim
-
-    def flops(length: int) -> float:
-        return linear * length + quadratic * length * length
-
-    return measured * flops(n) / flops(probe), f"estimated from a {probe}-token prefill in {measured:.1f} s"
-
-
-def _minutes(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
+    from .demo import run_demo
+    run_demo(args)
 
 
 def cmd_eval(args) -> None:
     from .eval.command import run_eval_command
+    modes = [m.strip() for m in args.attention.split(",") if m.strip()]
+    if known_modes(modes):  # unknown ones: the plan's check names them
+        _check_memory_args(args, modes)
+    args.attention_kernel = args.attention_kernel or "auto"
+    if not (args.report_only and not Path(args.out).exists()):  # the report says what is missing
+        check_writable_dir(args.out, "--out")
     run_eval_command(args)
 
 
 def cmd_chat(args) -> None:
     from .chat import ChatSession
     from .chat_cli import run_chat
+    if args.load is not None:  # the snapshot holds the attention mode, memory and conversation
+        for dest in ("attention", "system", *MEMORY_OPTIONS):
+            if getattr(args, dest) is not None:
+                raise InfLLMLiteError(f"{flag(dest)} does not apply with --load: the snapshot holds "
+                                      "the attention mode, its memory settings and the conversation")
+        args.attention_kernel = args.attention_kernel or "auto"
+    else:
+        args.attention = args.attention or "infllm"
+        _check_memory_args(args, [args.attention])
     if args.file is not None:
         document = _read_text(args.file, "document")
     model, tokenizer = load_from_args(args)
@@ -423,6 +330,7 @@ COMMANDS = {"chat": cmd_chat, "generate": cmd_generate, "convert": cmd_convert, 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        check_numbers(args)  # every command: numbers checked before any work
         COMMANDS[args.command](args)
     except InfLLMLiteError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,12 +1,86 @@
-"""What the commands of ``infllm-lite`` share once their options are parsed: the model the
-model options name, the ``MemoryConfig`` the memory options ask for, ``--max-len``."""
+"""What the commands of ``infllm-lite`` share once their options are parsed: the checks made
+before any work (numbers, options that apply, output folders), the model the model options
+name, the ``MemoryConfig`` the memory options ask for, ``--max-len``."""
 
 from __future__ import annotations
 
-from .options import parse_length
+import math
+import tempfile
+from pathlib import Path
+
+from .errors import InfLLMLiteError
+from .options import ATTENTION_MODES, MEMORY_MODES, parse_length
 
 MEMORY_OPTIONS = ("n_init", "n_local", "block_size", "topk", "max_cached_blocks", "cache_policy",
                   "max_host_bytes", "offload_dir")
+
+# The attention modes an option applies to (streaming keeps only sinks and a local window).
+OPTION_MODES = {
+    "n_init": MEMORY_MODES, "n_local": MEMORY_MODES,
+    "block_size": ("infllm",), "topk": ("infllm",), "max_cached_blocks": ("infllm",),
+    "cache_policy": ("infllm",), "max_host_bytes": ("infllm",), "offload_dir": ("infllm",),
+    "attention_kernel": ("infllm",), "compile": ("full",),
+}
+
+# Numeric options: (rule met, what the rule says).
+NUMBER_RULES = {
+    "max_new_tokens": (lambda v: v >= 1, "must be at least 1"),
+    "temperature": (lambda v: v >= 0, "must be >= 0 (0 = greedy)"),
+    "top_p": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
+    "top_k": (lambda v: v >= 0, "must be >= 0 (0 = off)"),
+    "chunk_size": (lambda v: v >= 1, "must be at least 1"),
+    "length": (lambda v: v >= 1, "must be at least 1"),
+    "depth": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+    "samples": (lambda v: v >= 0, "must be >= 0 (0 = every official record)"),
+    "n_init": (lambda v: v >= 0, "must be >= 0"),
+    "n_local": (lambda v: v >= 1, "must be at least 1"),
+    "block_size": (lambda v: v >= 1, "must be at least 1"),
+    "topk": (lambda v: v >= 0, "must be >= 0"),
+    "max_cached_blocks": (lambda v: v >= 1, "must be at least 1"),
+}
+
+
+def flag(dest: str) -> str:
+    """'max_new_tokens' -> '--max-new-tokens'."""
+    return "--" + dest.replace("_", "-")
+
+
+def check_numbers(args) -> None:
+    """Every numeric option the command has and the user set, checked against NUMBER_RULES."""
+    for dest, (ok, rule) in NUMBER_RULES.items():
+        value = getattr(args, dest, None)
+        if value is not None and (isinstance(value, float) and math.isnan(value) or not ok(value)):
+            raise InfLLMLiteError(f"{flag(dest)} {rule}, got {value}")
+
+
+def check_options_apply(args, modes: list[str]) -> None:
+    """Refuse an option the user set that none of the attention ``modes`` uses."""
+    for dest, applies in OPTION_MODES.items():
+        value = getattr(args, dest, None)
+        if value is not None and value is not False and not set(applies) & set(modes):
+            raise InfLLMLiteError(f"{flag(dest)} applies to --attention {' or '.join(applies)} only "
+                                  f"(here: {','.join(modes)})")
+
+
+def known_modes(modes: list[str]) -> bool:
+    return all(m in ATTENTION_MODES for m in modes)
+
+
+def check_writable_dir(path, option: str, *, create: bool = True) -> Path:
+    """The folder ``path`` (created if missing and ``create``), or one line saying why
+    ``option`` cannot write there."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise InfLLMLiteError(f"{option} {path} is a file, not a folder")
+    if not path.exists() and not create:
+        raise InfLLMLiteError(f"{option} {path} does not exist; create it first")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise InfLLMLiteError(f"{option} {path}: cannot write there ({e.strerror or e})") from None
+    return path
 
 
 def memory_config_from_args(args, model):

@@ -7,7 +7,6 @@ import os
 import re
 import stat
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -351,6 +350,7 @@ def test_stats_without_any_block_used_say_so():
 # ---------------------------------------------------------------- 11. eval's dependencies
 
 def test_rouge_is_an_eval_extra_and_make_install_includes_it():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert not [d for d in project["dependencies"] if d.startswith("rouge")]
     assert sorted(re.split(r"[<>=]", d)[0] for d in project["optional-dependencies"]["eval"]) == [

@@ -21,8 +21,9 @@ import torch
 
 from .attention import make_attention_state
 from .errors import InfLLMLiteError
-from .generate import continue_ids, read_ids
-from .memory_config import MemoryConfig
+from .generate import continue_ids, read_ids, stop_token_ids, stream_text
+from .memory_config import MemoryConfig, memory_estimate
+from .options import DEFAULT_CHUNK_SIZE
 from .sampling import check_sampling
 from .snapshot import load_snapshot, read_header, save_snapshot
 from .stats import GenerationStats
@@ -55,7 +56,7 @@ class ChatSession:
         if seed is not None:
             device = next(model.parameters()).device
             self.sampling["generator"] = torch.Generator(device=device).manual_seed(seed)
-        self.stop_ids = set(tokenizer.stop_token_ids) | set(model.args.eos_token_ids)
+        self.stop_ids = stop_token_ids(model, tokenizer)
         self.last_stats: GenerationStats | None = None
         self._stop_requested = False
         self.reset()
@@ -113,27 +114,24 @@ class ChatSession:
         self.last_stats = GenerationStats()
         before = self.state.length
         generated: list[int] = []
-        decoder = self.tokenizer.incremental_decoder(skip_special_tokens=True)
-        try:
+
+        def tokens() -> Iterator[int]:  # the answer's tokens, recorded, until stop() is asked
             for token in continue_ids(self.model, self.state, new, max_new_tokens=self.max_new_tokens,
                                       sampling=self.sampling, stop_token_ids=self.stop_ids,
                                       chunk_size=self._chunk(), progress=progress, stats=self.last_stats):
                 generated.append(token)
-                piece = decoder.add(token)
-                if piece:
-                    yield piece
+                yield token
                 if self._stop_requested:
-                    break
-            tail = decoder.flush()
-            if tail:
-                yield tail
+                    return
+
+        try:
+            yield from stream_text(self.tokenizer, tokens())
         finally:  # also when the caller stops iterating: record what the memory has read
             fed = self.state.length - before - len(new)  # the generated tokens fed back
             reply = self.tokenizer.decode(generated, skip_special_tokens=True)
             self.messages.append({"role": "assistant", "content": reply})
             self._record(new, generated[:fed])
-            if hasattr(self.state, "stats"):
-                self.last_stats.memory = self.state.stats()
+            self.last_stats.memory = self.state.stats()
 
     # ------------------------------------------------------------------ bookkeeping
     def _new_tokens(self, add_generation_prompt: bool) -> list[int]:
@@ -158,14 +156,13 @@ class ChatSession:
                 f"turn needs {n} more. Use attention='infllm' for long conversations, or reset")
 
     def _chunk(self) -> int:
-        return self.memory.chunk_size if self.memory is not None else MemoryConfig.chunk_size
+        return self.memory.chunk_size if self.memory is not None else DEFAULT_CHUNK_SIZE
 
     def stats(self) -> dict:
         """Tokens in memory, turns, and for infllm the blocks per tier and the bytes held."""
         out = {"tokens": self.state.length, "messages": len(self.messages), "attention": self.attention}
-        if hasattr(self.state, "stats"):
-            from .memory_config import memory_estimate
-            pool = self.state.stats()
+        pool = self.state.stats()  # None without a block pool
+        if pool is not None:
             out.update(blocks=pool.blocks, blocks_fast=pool.blocks_fast, blocks_host=pool.blocks_host,
                        blocks_disk=pool.blocks_disk, hit_rate=pool.hit_rate,
                        bytes=memory_estimate(self.model.args, self.memory, self.state.length)["total"])

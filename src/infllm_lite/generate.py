@@ -13,6 +13,7 @@ from .attention import make_attention_state
 from .errors import InfLLMLiteError
 from .memory_config import MemoryConfig
 from .models.transformer import Transformer
+from .options import DEFAULT_CHUNK_SIZE
 from .sampling import check_sampling, sample
 from .stats import GenerationStats
 from .tokenizer import Tokenizer
@@ -31,6 +32,12 @@ def encode_prompt(tokenizer: Tokenizer, prompt: str | Sequence[dict] | Sequence[
         return list(prompt)
     text = tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True)
     return tokenizer.encode(text, add_special_tokens=False)
+
+
+def stop_token_ids(model: Transformer, tokenizer: Tokenizer) -> set[int]:
+    """The ids that end an answer: the tokenizer's (EOS, the template's end of turn) and
+    the model config's EOS ids."""
+    return set(tokenizer.stop_token_ids) | set(model.args.eos_token_ids)
 
 
 def generate_ids(model: Transformer, prompt_ids: Sequence[int], *, max_new_tokens: int = 256,
@@ -55,7 +62,7 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[int], *, max_new_token
     if max_new_tokens < 1:
         raise InfLLMLiteError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     if chunk_size is None:
-        chunk_size = memory.chunk_size if memory is not None else MemoryConfig.chunk_size
+        chunk_size = memory.chunk_size if memory is not None else DEFAULT_CHUNK_SIZE
     if chunk_size < 1:
         raise InfLLMLiteError(f"chunk_size must be at least 1, got {chunk_size}")
     check_sampling(temperature, top_p, top_k)
@@ -78,7 +85,8 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[int], *, max_new_token
 
 
 def continue_ids(model: Transformer, state, new_ids: Sequence[int], *, max_new_tokens: int,
-                 sampling: dict, stop_token_ids: set[int] = frozenset(), chunk_size: int = 8192,
+                 sampling: dict, stop_token_ids: set[int] = frozenset(),
+                 chunk_size: int = DEFAULT_CHUNK_SIZE,
                  progress: bool = False, stats: GenerationStats | None = None) -> Iterator[int]:
     """Like :func:`generate_ids`, but on a memory that has already read earlier tokens (a
     chat's): prefill ``new_ids`` after them, then decode. The state stays open and holds
@@ -92,18 +100,32 @@ def continue_ids(model: Transformer, state, new_ids: Sequence[int], *, max_new_t
                 sampling, stats if stats is not None else GenerationStats())
 
 
-def read_ids(model: Transformer, state, ids: Sequence[int], *, chunk_size: int = 8192,
+def read_ids(model: Transformer, state, ids: Sequence[int], *, chunk_size: int = DEFAULT_CHUNK_SIZE,
              progress: bool = False, desc: str = "reading") -> None:
     """Feed ``ids`` into the memory without generating (a document read before questions)."""
     param = next(model.parameters())
     x = torch.tensor([list(ids)], dtype=torch.long, device=param.device)  # (1, P)
-    bar = tqdm(total=x.shape[1], desc=desc, unit="tok", disable=not progress, leave=False)
-    with torch.inference_mode():
-        for start in range(0, x.shape[1], chunk_size):
-            chunk = x[:, start:start + chunk_size]
+    prefill(model, state, x, chunk_size=chunk_size, progress=progress, desc=desc, predict=False)
+
+
+def prefill(model: Transformer, state, ids: torch.Tensor, *, chunk_size: int, progress: bool = False,
+            desc: str = "prefill", predict: bool = True) -> torch.Tensor | None:
+    """Feed ``ids`` (1, P) into ``state`` in model calls of ``chunk_size`` tokens, with a
+    progress bar. With ``predict`` the last token goes alone (SPEC §8: with a memory, the
+    query that predicts the first new token retrieves for itself instead of sharing one
+    retrieval with a whole execution chunk) and its logits (1, 1, vocab) are returned."""
+    body = ids[:, :-1] if predict else ids  # (1, P - 1) or (1, P)
+    logits = None
+    with torch.inference_mode(), tqdm(total=ids.shape[1], desc=desc, unit="tok",
+                                      disable=not progress, leave=False) as bar:
+        for start in range(0, body.shape[1], chunk_size):
+            chunk = body[:, start:start + chunk_size]
             model(chunk, state, last_only=True)
             bar.update(chunk.shape[1])
-    bar.close()
+        if predict:
+            logits = model(ids[:, -1:], state)  # (1, 1, vocab)
+            bar.update(1)
+    return logits
 
 
 def _prefill_and_decode(model, state, ids, max_new_tokens, stop_token_ids, chunk_size, compile,
@@ -112,8 +134,7 @@ def _prefill_and_decode(model, state, ids, max_new_tokens, stop_token_ids, chunk
         yield from _run(model, state, ids, max_new_tokens, stop_token_ids, chunk_size, compile,
                         progress, sampling, stats)
     finally:  # also when the caller stops early: the memory's counters, then its files
-        if hasattr(state, "stats"):
-            stats.memory = state.stats()
+        stats.memory = state.stats()
         state.close()
 
 
@@ -129,21 +150,9 @@ def _run(model, state, ids, max_new_tokens, stop_token_ids, chunk_size, compile,
     stats.prompt_tokens = ids.shape[1]
     t0 = _clock(ids.device)
     with torch.inference_mode():
-        # The prompt minus its last token in calls of chunk_size, then the last token alone
-        # (SPEC §8): with a memory, the query that predicts the first new token retrieves
-        # for itself instead of sharing one retrieval with a whole execution chunk.
-        bar = tqdm(total=ids.shape[1], desc="prefill", unit="tok", disable=not progress, leave=False)
-        body = ids[:, :-1]
-        for start in range(0, body.shape[1], chunk_size):
-            chunk = body[:, start:start + chunk_size]
-            model(chunk, state, last_only=True)
-            bar.update(chunk.shape[1])
-        logits = model(ids[:, -1:], state)  # (1, 1, vocab)
-        bar.update(1)
-        bar.close()
+        logits = prefill(model, state, ids, chunk_size=chunk_size, progress=progress)  # (1, 1, vocab)
         stats.prefill_seconds = _clock(ids.device) - t0
-        if hasattr(state, "stats"):
-            stats.prefill_memory = state.stats()
+        stats.prefill_memory = state.stats()
 
         step = model.step
         if compile:
@@ -190,7 +199,9 @@ class _StopStrings:
         return out
 
 
-def _stream_text(tokenizer, token_ids: Iterator[int], stop: Sequence[str]) -> Iterator[str]:
+def stream_text(tokenizer: Tokenizer, token_ids: Iterator[int], stop: Sequence[str] = ()) -> Iterator[str]:
+    """Text pieces of ``token_ids`` as they become final (never half a UTF-8 character,
+    special tokens skipped), cut before the first ``stop`` string; stops pulling tokens there."""
     decoder = tokenizer.incremental_decoder(skip_special_tokens=True)
     cutter = _StopStrings(stop)
     for token_id in token_ids:
@@ -226,12 +237,12 @@ def generate(model: Transformer, tokenizer: Tokenizer, prompt: str | Sequence[di
     prompt_ids = encode_prompt(tokenizer, prompt)
     stats = GenerationStats()
     stops = [stop] if isinstance(stop, str) else list(stop or [])
-    stop_ids = set(tokenizer.stop_token_ids) | set(model.args.eos_token_ids)
+    stop_ids = stop_token_ids(model, tokenizer)
     token_ids = generate_ids(model, prompt_ids, max_new_tokens=max_new_tokens, attention=attention,
                              temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                              stop_token_ids=stop_ids, memory=memory, chunk_size=chunk_size,
                              compile=compile, progress=progress, attention_kernel=attention_kernel,
                              stats=stats)
-    pieces = _stream_text(tokenizer, token_ids, stops)
+    pieces = stream_text(tokenizer, token_ids, stops)
     result = pieces if stream else "".join(pieces)
     return (result, stats) if return_stats else result

@@ -86,10 +86,7 @@ def make_needle_sample(task: NeedleTask, tokenizer: Tokenizer, n_tokens: int, de
                        seed: int) -> NeedleSample:
     """A sample of ``task`` sized to ``n_tokens`` tokens of ``tokenizer`` (chat template
     included), the needle at ``depth``; deterministic in ``seed``."""
-    if not isinstance(n_tokens, int) or n_tokens < 1:
-        raise InfLLMLiteError(f"n_tokens must be a positive integer, got {n_tokens!r}")
-    if not 0.0 <= depth <= 1.0:
-        raise InfLLMLiteError(f"depth must be in [0, 1], got {depth}")
+    check_target(n_tokens, depth)
     key = task.make_key(seed)
     needle = task.needle.format(key=key)
     sizer = _NoiseSizer(tokenizer)
@@ -131,10 +128,18 @@ def make_needle_sample(task: NeedleTask, tokenizer: Tokenizer, n_tokens: int, de
     needle_char = text.index(context) + needle_at
     return NeedleSample(task=task.name, messages=messages, prompt_text=text, key=key,
                         n_tokens=actual, depth=depth, seed=seed, context=context, needle=needle,
-                        needle_token=_token_at(tokenizer, ids, needle_char))
+                        needle_token=token_at(tokenizer, ids, needle_char))
 
 
-def _token_at(tokenizer: Tokenizer, ids: list[int], char: int) -> int:
+def check_target(n_tokens: int, depth: float) -> None:
+    """Raise InfLLMLiteError unless ``n_tokens`` is a positive int and ``depth`` in [0, 1]."""
+    if not isinstance(n_tokens, int) or n_tokens < 1:
+        raise InfLLMLiteError(f"n_tokens must be a positive integer, got {n_tokens!r}")
+    if not 0.0 <= depth <= 1.0:
+        raise InfLLMLiteError(f"depth must be in [0, 1], got {depth}")
+
+
+def token_at(tokenizer: Tokenizer, ids: list[int], char: int) -> int:
     """Index of the token of ``ids`` that holds character ``char`` of their text (binary
     search on decoded prefixes: tokenizing a prefix alone can split its end differently)."""
     lo, hi = 0, len(ids)  # the last i with len(decode(ids[:i])) <= char

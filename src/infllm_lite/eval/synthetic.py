@@ -27,7 +27,8 @@ from dataclasses import dataclass
 
 from ..errors import InfLLMLiteError
 from ..tokenizer import Tokenizer
-from .passkey import LENGTH_TOLERANCE, PASSKEY, NeedleTask, _token_at, make_needle_sample
+from .passkey import (LENGTH_TOLERANCE, PASSKEY, NeedleTask, check_target, make_needle_sample,
+                      token_at)
 from .sample import EvalSample
 from .tasks import build_prompt, get_task
 
@@ -107,10 +108,7 @@ def _kv_content(pairs: list[tuple[str, str]], key: str) -> tuple[str, str]:
 def make_kv_sample(tokenizer: Tokenizer, n_tokens: int, depth: float, seed: int) -> EvalSample:
     """A kv_retrieval prompt of ``n_tokens`` tokens (±2%, or ± one pair's tokens, about 70,
     if that is more): as many UUID pairs as fit, the asked key the pair at ``depth`` of the object."""
-    if not isinstance(n_tokens, int) or n_tokens < 1:
-        raise InfLLMLiteError(f"n_tokens must be a positive integer, got {n_tokens!r}")
-    if not 0.0 <= depth <= 1.0:
-        raise InfLLMLiteError(f"depth must be in [0, 1], got {depth}")
+    check_target(n_tokens, depth)
 
     def build(n_pairs: int):
         pairs = kv_pairs(seed, n_pairs)
@@ -147,5 +145,5 @@ def make_kv_sample(tokenizer: Tokenizer, n_tokens: int, depth: float, seed: int)
     return EvalSample(task="kv_retrieval", id=_sample_id("kv_retrieval", n_tokens, depth, seed),
                       prompt=content, answers=(value,),
                       meta=dict(length=n_tokens, n_tokens=len(ids), depth=depth, seed=seed,
-                                needle_token=_token_at(tokenizer, ids, pair_char),
+                                needle_token=token_at(tokenizer, ids, pair_char),
                                 n_pairs=len(pairs), key=key))

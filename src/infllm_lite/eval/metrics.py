@@ -71,9 +71,9 @@ import functools
 import re
 import string
 from collections import Counter
-from collections.abc import Callable, Sequence
-
-from rouge import Rouge
+import importlib
+import importlib.util
+from collections.abc import Callable, Iterable, Sequence
 
 from ..errors import InfLLMLiteError
 
@@ -123,6 +123,18 @@ def _share_equal(numbers: list[str], target: str) -> float:
     return sum(number == target for number in numbers) / len(numbers) if numbers else 0.0
 
 
+def _after_prefix(pred: str, prefixes: Sequence[str], starts: Sequence[str]) -> bool | None:
+    """After the first of ``prefixes`` found in ``pred`` (in their order) and one character (a
+    space): whether the rest starts with one of ``starts``; None when no prefix is found."""
+    for prefix in prefixes:
+        at = pred.find(prefix)
+        if at == -1:
+            continue
+        start = at + len(prefix) + 1
+        return len(pred) >= start and any(pred[start:].startswith(s) for s in starts)
+    return None
+
+
 def _option_label(answers: Sequence[str]) -> tuple[str, str]:
     """(option_text, letter) of a choice task, checked."""
     if len(answers) != 2 or answers[1] not in ("A", "B", "C", "D"):
@@ -148,8 +160,9 @@ def qa_f1(prediction: str, reference: str) -> float:
 def rouge_l(prediction: str, reference: str) -> float:
     """The ``rouge`` package's ROUGE-L F (``rouge_score``); 0 when it raises, as on an empty
     text or a sentence too long for its recursive LCS."""
+    rouge = _rouge()
     try:
-        scores = Rouge().get_scores([prediction], [reference], avg=True)
+        scores = rouge.get_scores([prediction], [reference], avg=True)
     except Exception:  # LongBench: a bare except
         return 0.0
     return scores["rouge-l"]["f"]
@@ -247,12 +260,9 @@ def longbook_choice(prediction: str, answers: Sequence[str]) -> bool:
     if pred in label:
         return True
     pred = _squeeze_spaces(_blank(pred, ("\n", '"', "'", ".", ",", "?", "!", "{", "}")))
-    for prefix in ("answer is:", "answer:", "answer is", "option is"):
-        at = pred.find(prefix)
-        if at == -1:
-            continue
-        start = at + len(prefix) + 1  # one character (a space) after the prefix
-        return len(pred) >= start and any(pred[start:].startswith(s) for s in label)
+    found = _after_prefix(pred, ("answer is:", "answer:", "answer is", "option is"), label)
+    if found is not None:
+        return found
     for word in pred.split():
         if word in "ABCD":  # a substring test, as the official code: "AB" passes, then fails
             return word in label
@@ -268,16 +278,8 @@ def code_debug(prediction: str, answers: Sequence[str]) -> bool:
         return True
     pred = _squeeze_spaces(_blank(pred, ("\n", "`", "'", '"', "-", "*", "Option", "option")))
     # "correct option is:" never matches ("option" is blanked above); listed as upstream does.
-    for prefix in ("answer is:", "is:", "answer:", "correct option is:"):
-        at = pred.find(prefix)
-        if at == -1:
-            continue
-        start = at + len(prefix) + 1
-        if len(pred) < start:
-            return False
-        rest = pred[start:]
-        return rest.startswith(letter) or rest.startswith(fn_name)
-    return False
+    return bool(_after_prefix(pred, ("answer is:", "is:", "answer:", "correct option is:"),
+                              (letter, fn_name)))
 
 
 def longdialogue_qa(prediction: str, answers: Sequence[str]) -> bool:
@@ -294,10 +296,57 @@ def rouge_lsum(prediction: str, reference: str) -> float:
 
 
 @functools.cache
-def _lsum_scorer():
-    from rouge_score.rouge_scorer import RougeScorer  # on first use: it imports nltk (~1 s)
+def _rouge():
+    return _scorer_module("rouge_l").Rouge()
 
-    return RougeScorer(["rougeLsum"], use_stemmer=False)
+
+@functools.cache
+def _lsum_scorer():
+    # on first use: rouge_score imports nltk (~1 s)
+    return _scorer_module("rouge_lsum").RougeScorer(["rougeLsum"], use_stemmer=False)
+
+
+# the metrics that need a package of the ``eval`` extra: metric -> (module, pip package)
+SCORER_PACKAGES: dict[str, tuple[str, str]] = {
+    "rouge_l": ("rouge", "rouge"),
+    "rouge_lsum": ("rouge_score.rouge_scorer", "rouge-score"),
+}
+EVAL_EXTRA = "pip install 'infllm-lite[eval]'"
+
+
+def _missing_message(metric: str, task: str | None = None) -> str:
+    package = SCORER_PACKAGES[metric][1]
+    what = f"task {task!r} is scored with {metric}, which" if task else f"the {metric} metric"
+    return f"{what} needs the package {package} (not installed): {EVAL_EXTRA}"
+
+
+def _scorer_module(metric: str):
+    """The module behind ``metric`` (imported on first use), or a one-line error naming the
+    extra to install."""
+    try:
+        return importlib.import_module(SCORER_PACKAGES[metric][0])
+    except ImportError:
+        raise InfLLMLiteError(_missing_message(metric)) from None
+
+
+def require_scorers(tasks: Iterable[str]) -> None:
+    """Raise InfLLMLiteError naming the extra to install when a task's metric needs a package
+    that is missing (checked without importing it: rouge_score pulls in nltk)."""
+    for task in tasks:
+        metric = METRICS.get(task)
+        if metric in SCORER_PACKAGES and not _importable(SCORER_PACKAGES[metric][0]):
+            raise InfLLMLiteError(_missing_message(metric, task))
+
+
+def _importable(module: str) -> bool:
+    """Whether ``module`` can be found (its parent packages imported, itself not)."""
+    parent = module.rpartition(".")[0]
+    try:
+        if parent:
+            importlib.import_module(parent)
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 # ---------------------------------------------------------------- dispatch

@@ -19,15 +19,15 @@ written with ``str``; LongBench its ``answers`` list.
 
 from __future__ import annotations
 
-import json
 import os
 import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import InfLLMLiteError
 from ..weights.embedded import cache_dir
+from .files import read_jsonl
 from .sample import EvalSample, TaskSpec
 from .tasks import build_prompt, get_task
 
@@ -47,37 +47,45 @@ def load_official(task: str, data_dir: str | os.PathLike | None = None) -> list[
 def load_infinitebench(task: str, data_dir: str | os.PathLike | None = None) -> list[EvalSample]:
     """The samples of an InfiniteBench task. ``meta``: the official ``id``, ``length`` (the
     context's words, as the reference counts them) and ``all_classes`` (None)."""
-    spec = _spec(task, "infinitebench")
-    path = _locate(spec, data_dir)
-    samples = []
-    for index, record in _records(path):
-        with _record_errors(path, index):
-            context = record["content"] if "content" in record else record["context"]
-            official_id = record.get("id", index)
-            samples.append(EvalSample(
-                task=task, id=str(official_id), prompt=build_prompt(spec, record),
-                answers=infinitebench_answers(task, record),
-                meta={"id": official_id, "length": len(context.split()), "all_classes": None}))
-    return samples
+
+    def fields(index: int, record: dict) -> tuple:
+        context = record["content"] if "content" in record else record["context"]
+        official_id = record.get("id", index)
+        return official_id, infinitebench_answers(task, record), {
+            "id": official_id, "length": len(context.split()), "all_classes": None}
+
+    return _load(task, "infinitebench", data_dir, fields)
 
 
 def load_longbench(task: str, data_dir: str | os.PathLike | None = None) -> list[EvalSample]:
     """The samples of a LongBench task. ``meta``: the official ``_id``, ``length`` and
     ``all_classes`` (trec's label set, else None)."""
-    spec = _spec(task, "longbench")
+
+    def fields(index: int, record: dict) -> tuple:
+        answers = record["answers"]
+        if not isinstance(answers, list):
+            raise InfLLMLiteError(f"'answers' must be a list, got {answers!r}")
+        official_id = record.get("_id", index)
+        return official_id, tuple(str(a) for a in answers), {
+            "_id": official_id, "length": record.get("length"),
+            "all_classes": record.get("all_classes")}
+
+    return _load(task, "longbench", data_dir, fields)
+
+
+def _load(task: str, benchmark: str, data_dir: str | os.PathLike | None,
+          fields: Callable[[int, dict], tuple]) -> list[EvalSample]:
+    """The samples of ``task``'s file, in file order; ``fields(index, record)`` gives a
+    record's official id, references and meta (a bad record names the file and line)."""
+    spec = _spec(task, benchmark)
     path = _locate(spec, data_dir)
     samples = []
-    for index, record in _records(path):
+    for index, record in read_jsonl(path):
         with _record_errors(path, index):
-            answers = record["answers"]
-            if not isinstance(answers, list):
-                raise InfLLMLiteError(f"'answers' must be a list, got {answers!r}")
-            official_id = record.get("_id", index)
-            samples.append(EvalSample(
-                task=task, id=str(official_id), prompt=build_prompt(spec, record),
-                answers=tuple(str(a) for a in answers),
-                meta={"_id": official_id, "length": record.get("length"),
-                      "all_classes": record.get("all_classes")}))
+            prompt = build_prompt(spec, record)  # first: a missing field says which
+            official_id, answers, meta = fields(index, record)
+            samples.append(EvalSample(task=task, id=str(official_id), prompt=prompt,
+                                      answers=answers, meta=meta))
     return samples
 
 
@@ -164,23 +172,6 @@ def _unpack_longbench(archive: Path, task: str, target: Path) -> Path:
     except zipfile.BadZipFile as e:
         raise InfLLMLiteError(f"{archive} is not a valid zip ({e})") from e
     return target
-
-
-def _records(path: Path) -> Iterator[tuple[int, dict]]:
-    """``(line index, record)`` for each non-blank line; a bad line names the file and line."""
-    with open(path, encoding="utf-8") as f:
-        for index, line in enumerate(f):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InfLLMLiteError(f"{path}, line {index + 1}: not valid JSON ({e.msg}, "
-                                      f"column {e.colno})") from None
-            if not isinstance(record, dict):
-                raise InfLLMLiteError(f"{path}, line {index + 1}: expected a JSON object, got "
-                                      f"{type(record).__name__}")
-            yield index, record
 
 
 @contextmanager

@@ -2,16 +2,21 @@
 reference's truncation, a summary, tables and plots; the ``infllm-lite eval`` command."""
 
 import json
+import sys
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from infllm_lite.cli import main, parse_lengths, parse_max_len
+from infllm_lite.cli import main
+from infllm_lite.cli_support import parse_max_len
 from infllm_lite.errors import InfLLMLiteError
-from infllm_lite.eval import runner
-from infllm_lite.eval.runner import PREDICTIONS, EvalPlan, run_eval
+from infllm_lite.eval import metrics, runner
+from infllm_lite.eval.plan import MODES
+from infllm_lite.eval.report import markdown_tables
+from infllm_lite.eval.runner import PREDICTIONS, EvalPlan, report_only, run_eval
 from infllm_lite.memory_config import MemoryConfig
+from infllm_lite.options import ATTENTION_MODES, parse_lengths
 
 FIXTURES = Path(__file__).parent / "fixtures"
 # small enough that 600-token prompts fill blocks, retrieve and drop tokens
@@ -56,8 +61,10 @@ def test_runs_every_cell_and_writes_the_report(tiny, tmp_path):
     assert json.loads((tmp_path / "summary.json").read_text())["cells"] == summary["cells"]
     table = (tmp_path / "summary.md").read_text()
     assert "**passkey**" in table and "| infllm |" in table and "†" in table
-    for png in ("score_vs_length.png", "passkey_depth_heatmap.png", "kv_retrieval_depth_heatmap.png"):
+    pngs = ["score_vs_length.png", "passkey_depth_heatmap.png", "kv_retrieval_depth_heatmap.png"]
+    for png in pngs:
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert summary["files"] == [*pngs, "summary.md", "summary.json"]
 
 
 def test_resumes_without_redoing_work(tiny, tmp_path, monkeypatch):
@@ -107,6 +114,91 @@ def test_resumes_without_redoing_work(tiny, tmp_path, monkeypatch):
         run_eval(model, tokenizer, other, tmp_path, progress=False, plots=False)
 
 
+def test_other_settings_are_refused_naming_only_what_changed(tiny, tmp_path):
+    model, tokenizer = tiny
+    plan = _plan(tasks=["passkey"], modes=["full"], samples=1)
+    run_eval(model, tokenizer, plan, tmp_path, progress=False, plots=False)
+    other = replace(plan, chunk_size=128, memory=replace(TINY_MEMORY, n_local=32))
+    with pytest.raises(InfLLMLiteError) as e:
+        run_eval(model, tokenizer, other, tmp_path, progress=False, plots=False)
+    message = str(e.value)
+    assert message == (f"{tmp_path} was written with other settings: chunk_size none -> 128, "
+                       "memory.n_local 64 -> 32; use another output folder (--out) or the same "
+                       "options")
+    assert len(_lines(tmp_path)) == 1  # nothing added
+
+
+def test_table_marks_truncation_only_when_some_prompt_was(tmp_path):
+    cell = dict(task="passkey", length=600, mode="full", n=2, score=50.0)
+    clean = markdown_tables([dict(cell, truncated=0)], ["passkey"], [600], ["full"])
+    assert "†" not in clean and "truncated" not in clean
+    cut = markdown_tables([dict(cell, truncated=1)], ["passkey"], [600], ["full"])
+    assert "50† (2)" in cut and "† some prompts were truncated" in cut
+
+
+def test_report_names_every_file_it_writes(tiny, tmp_path, capsys):
+    """The last line of ``infllm-lite eval --report-only`` names the summaries and each plot
+    (none with --no-plots)."""
+    model, tokenizer = tiny
+    run_eval(model, tokenizer, _plan(tasks=["passkey"], modes=["full"], samples=1), tmp_path,
+             progress=False, plots=False)
+    argv = ["eval", "--task", "passkey", "--lengths", "600", "--samples", "1", "--attention",
+            "full", "--out", str(tmp_path), "--report-only", "--model", str(tmp_path / "none")]
+    assert main([*argv, "--no-plots"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last == f"wrote {tmp_path / 'summary.md'}, {tmp_path / 'summary.json'}"
+    pytest.importorskip("matplotlib")
+    assert main(argv) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    pngs = [tmp_path / "score_vs_length.png", tmp_path / "passkey_depth_heatmap.png"]
+    assert last == "wrote " + ", ".join(map(str, [*pngs, tmp_path / "summary.md",
+                                                  tmp_path / "summary.json"]))
+    assert all(png.is_file() for png in pngs)
+
+
+def test_unwritable_output_is_one_clear_error(tiny, tmp_path):
+    model, tokenizer = tiny
+    plan = _plan(tasks=["passkey"], modes=["full"], samples=1)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(InfLLMLiteError, match=f"cannot write {tmp_path / 'file' / 'out'}"):
+        run_eval(model, tokenizer, plan, tmp_path / "file" / "out", progress=False, plots=False)
+    (tmp_path / "a" / PREDICTIONS).mkdir(parents=True)  # the predictions cannot be appended
+    with pytest.raises(InfLLMLiteError, match=f"cannot write {tmp_path / 'a' / PREDICTIONS}"):
+        run_eval(model, tokenizer, plan, tmp_path / "a", progress=False, plots=False)
+    run_eval(model, tokenizer, plan, tmp_path / "b", progress=False, plots=False)
+    (tmp_path / "b" / "summary.md").unlink()
+    (tmp_path / "b" / "summary.md").mkdir()  # the report cannot be rewritten
+    with pytest.raises(InfLLMLiteError, match=f"cannot write {tmp_path / 'b' / 'summary.md'}"):
+        report_only(plan, tmp_path / "b", plots=False)
+
+
+@pytest.mark.parametrize("modules, task", [(["rouge"], "gov_report"),
+                                           (["rouge_score", "rouge_score.rouge_scorer"],
+                                            "longbook_sum_eng")])
+def test_missing_rouge_names_the_extra_before_loading_the_model(tmp_path, capsys, monkeypatch,
+                                                                modules, task):
+    for module in modules:
+        monkeypatch.setitem(sys.modules, module, None)  # import fails
+    loads = []
+    monkeypatch.setattr("infllm_lite.eval.command.load_from_args", lambda args: loads.append(args))
+    code = main(["eval", "--task", f"qasper,{task}", "--data-dir", str(FIXTURES),
+                 "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 1 and not loads
+    assert err.count("\n") == 1 and task in err and "pip install 'infllm-lite[eval]'" in err
+    metrics._rouge.cache_clear()
+    metrics._lsum_scorer.cache_clear()
+    with pytest.raises(InfLLMLiteError, match=r"pip install 'infllm-lite\[eval\]'"):
+        metrics.score(task, "a summary", ["the summary"])
+    monkeypatch.undo()
+    metrics._rouge.cache_clear()
+    metrics._lsum_scorer.cache_clear()
+
+
+def test_eval_modes_are_the_attention_modes():
+    assert set(MODES) == set(ATTENTION_MODES) and MODES[0] == "infllm"
+
+
 def test_official_tasks_from_fixtures(tiny, tmp_path):
     """Official jsonl files (LongBench and InfiniteBench layouts): chat and raw prompts, the
     first-line rule, and a length as a truncation limit."""
@@ -133,7 +225,8 @@ def test_official_tasks_from_fixtures(tiny, tmp_path):
 @pytest.mark.parametrize("bad, match", [
     (dict(tasks=[]), "no tasks"),
     (dict(tasks=["nosuchtask"]), "nosuchtask"),
-    (dict(modes=["dense"]), "modes"),
+    (dict(modes=["dense"]), "unknown attention mode 'dense'"),
+    (dict(modes=[]), "no attention modes"),
     (dict(lengths=None), "need lengths"),
     (dict(lengths=[0]), "positive"),
     (dict(samples=0), "samples"),
@@ -161,7 +254,9 @@ def test_cli_eval(tiny_folder, tmp_path, capsys):
                  "--n-local", "64", "--n-init", "4", "--no-plots"])
     assert code == 0
     captured = capsys.readouterr()
-    assert "**number_string**" in captured.out and "summary.md" in captured.out
+    assert "**number_string**" in captured.out
+    assert captured.out.strip().splitlines()[-1] == "wrote " + ", ".join(
+        str(out / name) for name in (PREDICTIONS, "summary.md", "summary.json"))
     assert len(_lines(out)) == 2
     assert json.loads((out / "summary.json").read_text())["plan"]["memory"]["n_local"] == 64
 
@@ -191,7 +286,7 @@ def test_cli_eval_missing_data_fails_before_loading_the_model(tmp_path, capsys, 
 @pytest.mark.parametrize("argv, match", [
     (["--task", "nosuch", "--lengths", "1k"], "nosuch"),
     (["--task", "passkey"], "need lengths"),
-    (["--task", "passkey", "--lengths", "1k", "--attention", "dense"], "modes"),
+    (["--task", "passkey", "--lengths", "1k", "--attention", "dense"], "attention mode"),
 ])
 def test_cli_eval_bad_input(tmp_path, capsys, argv, match):
     # fails before loading any model (the model path does not exist)

@@ -12,7 +12,8 @@ from .datasets import load_infinitebench, load_longbench, load_official
 from .metrics import METRICS, first_int, first_line, score
 from .passkey import (PASSKEY, NeedleSample, NeedleTask, PasskeySample, make_needle_sample,
                       make_passkey_sample, score_passkey)
-from .runner import MODES, EvalPlan, run_eval
+from .plan import MODES, EvalPlan
+from .runner import report_only, run_eval
 from .sample import EvalSample, TaskSpec
 from .synthetic import SYNTHETIC_TASKS, make_synthetic_sample
 from .tasks import TASKS, build_prompt, get_task, truncate_ids
@@ -20,5 +21,5 @@ from .tasks import TASKS, build_prompt, get_task, truncate_ids
 __all__ = ["METRICS", "MODES", "PASSKEY", "SYNTHETIC_TASKS", "TASKS", "EvalPlan", "EvalSample",
            "NeedleSample", "NeedleTask", "PasskeySample", "TaskSpec", "build_prompt", "first_int",
            "first_line", "get_task", "load_infinitebench", "load_longbench", "load_official",
-           "make_needle_sample", "make_passkey_sample", "make_synthetic_sample", "run_eval",
-           "score", "score_passkey", "truncate_ids"]
+           "make_needle_sample", "make_passkey_sample", "make_synthetic_sample", "report_only",
+           "run_eval", "score", "score_passkey", "truncate_ids"]

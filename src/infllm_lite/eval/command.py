@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..options import parse_lengths
 from ..cli_support import load_from_args, memory_config_from_args, parse_max_len
-from .runner import EvalPlan, report_only, run_eval
+from ..options import parse_lengths
+from .plan import EvalPlan
+from .runner import PREDICTIONS, report_only, run_eval
 
 
 def run_eval_command(args) -> None:
@@ -19,12 +20,21 @@ def run_eval_command(args) -> None:
                     max_len=parse_max_len(args.max_len, modes), chunk_size=args.chunk_size,
                     attention_kernel=args.attention_kernel, official=args.official)
     plan.check()  # before loading the model: bad options and missing data fail fast
+    out = Path(args.out)
     if args.report_only:
-        print(report_only(plan, args.out, plots=not args.no_plots)["table"])
+        summary = report_only(plan, out, plots=not args.no_plots)
+        print(summary["table"])
+        print(written_line(out, summary["files"]))
         return
+    plan.check_scorers()
     plan.load_data()
     model, tokenizer = load_from_args(args)
     plan.memory = memory_config_from_args(args, model)
-    summary = run_eval(model, tokenizer, plan, args.out, plots=not args.no_plots)
+    summary = run_eval(model, tokenizer, plan, out, plots=not args.no_plots)
     print(summary["table"])
-    print(f"wrote {Path(args.out) / 'summary.md'}, summary.json and predictions.jsonl")
+    print(written_line(out, [PREDICTIONS, *summary["files"]]))
+
+
+def written_line(out: Path, names: list[str]) -> str:
+    """The line naming every file written, by its path ("wrote a/summary.md, ...")."""
+    return "wrote " + ", ".join(str(out / name) for name in names)

@@ -1,7 +1,7 @@
 """An evaluation's report: scores per task × length × mode (``summary.json``), a markdown
 table per task (``summary.md``), and PNG plots: score against length per mode
 (``score_vs_length.png``) and, for the generated needle tasks, depth × length heatmaps
-(``{task}_depth_heatmap.png``)."""
+(``{task}_depth_heatmap.png``). ``summary["files"]`` names what was written."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from .files import write_atomic, writing
+from .plan import EvalPlan
 from .synthetic import SYNTHETIC_TASKS
 
 
@@ -22,11 +24,9 @@ def _cell_key(r: dict) -> tuple:
     return r["task"], r["length"], r["mode"]
 
 
-def summarize(records: list[dict], plan, settings: dict | None = None) -> dict:
+def summarize(records: list[dict], plan: EvalPlan, settings: dict | None = None) -> dict:
     """Mean score (0–100) and speed per task, length and mode, over the plan's cells;
     ``settings``: the run's ``settings.json`` (model and memory), recorded with it."""
-    from .runner import plan_dict
-
     lengths = plan.lengths or [None]
     by_cell = defaultdict(list)
     for r in records:
@@ -45,7 +45,7 @@ def summarize(records: list[dict], plan, settings: dict | None = None) -> dict:
     return dict(
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         command=run_command(sys.argv),
-        plan=plan_dict(plan),
+        plan=plan.to_dict(),
         settings=settings,
         environment=dict(torch=torch.__version__, python=platform.python_version(),
                          machine=platform.machine(), threads=torch.get_num_threads()),
@@ -86,32 +86,32 @@ def markdown_tables(cells: list[dict], tasks: list[str], lengths: list, modes: l
                     row.append(f"{c['score']:.0f}{mark} ({c['n']})")
             lines.append(f"| {mode} | " + " | ".join(row) + " |")
         parts.append("\n".join(lines))
-    note = ("Score 0–100 (the task's official metric, mean over samples), samples in brackets; "
-            "† some prompts were truncated to the mode's limit (first 128 tokens and the last ones).")
-    return "\n\n".join(parts) + "\n\n" + note + "\n"
+    note = "Score 0–100 (the task's official metric, mean over samples), samples in brackets"
+    if any(c["truncated"] for c in cells if c["task"] in tasks):
+        note += ("; † some prompts were truncated to the mode's limit (first 128 tokens and the "
+                 "last ones)")
+    return "\n\n".join(parts) + "\n\n" + note + ".\n"
 
 
 def write_report(out: Path, summary: dict, records: list[dict], *, plots: bool = True) -> list[Path]:
-    """Write summary.json, summary.md and (with matplotlib) the plots; return the paths."""
-    written = [out / "summary.json", out / "summary.md"]
-    _write_atomic(written[0], json.dumps(summary, indent=1) + "\n")
-    _write_atomic(written[1], f"# Evaluation\n\nCommand: `{summary['command']}`\n\n{summary['table']}")
+    """Write (with matplotlib) the plots, summary.md and summary.json, whose ``files`` (set
+    in ``summary`` too) name them all relative to ``out``; return their paths."""
+    written = []
     if plots:
         try:
             import matplotlib
         except ImportError:
             print("matplotlib is not installed: no plots (pip install matplotlib)", file=sys.stderr)
-            return written
-        matplotlib.use("Agg")
-        written += plot_scores(out, summary)
-        written += plot_depth_heatmaps(out, summary, records)
+        else:
+            matplotlib.use("Agg")
+            with writing(out):
+                written += plot_scores(out, summary)
+                written += plot_depth_heatmaps(out, summary, records)
+    written += [out / "summary.md", out / "summary.json"]
+    summary["files"] = [p.name for p in written]
+    write_atomic(written[-2], f"# Evaluation\n\nCommand: `{summary['command']}`\n\n{summary['table']}")
+    write_atomic(written[-1], json.dumps(summary, indent=1) + "\n")
     return written
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
 
 
 def plot_scores(out: Path, summary: dict) -> list[Path]:

@@ -17,7 +17,6 @@ memory modes read everything.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -27,81 +26,16 @@ from ..attention import kernel_name
 from ..errors import InfLLMLiteError
 from ..generate import encode_prompt, generate
 from ..memory_config import MemoryConfig
-from .datasets import load_official
+from .files import read_jsonl, write_atomic, writing
 from .metrics import first_line, score
+from .plan import EvalPlan
+from .report import summarize, write_report
 from .sample import EvalSample, TaskSpec
-from .synthetic import SYNTHETIC_TASKS, make_synthetic_sample
-from .tasks import TRUNCATION_PREFIX, get_task, truncate_ids
+from .synthetic import make_synthetic_sample
+from .tasks import get_task, truncate_ids
 
-MODES = ("infllm", "streaming", "full")
 PREDICTIONS = "predictions.jsonl"
-
-
-@dataclass
-class EvalPlan:
-    """What to run. ``lengths``: prompt tokens of generated tasks, truncation limits of
-    official ones (None: official prompts whole; required for generated tasks).
-    ``max_len``: a truncation limit per mode; a mode not in it gets the default (full
-    attention: the model's native window; infllm and streaming: none)."""
-
-    tasks: list[str]
-    modes: list[str] = field(default_factory=lambda: list(MODES))
-    lengths: list[int] | None = None
-    samples: int | None = 10  # per task and length (None: every record of official data)
-    seed: int = 0
-    data_dir: str | None = None
-    max_len: dict[str, int | None] = field(default_factory=dict)
-    memory: MemoryConfig | None = None  # infllm and streaming (default: MemoryConfig.for_model)
-    chunk_size: int | None = None
-    attention_kernel: str = "auto"  # how infllm computes attention (see generate_ids)
-    official: bool = False  # passkey, number_string, kv_retrieval from the official files too
-
-    def load_data(self) -> dict[str, list[EvalSample]]:
-        """Read every official task's records now (a missing file fails before any model is
-        loaded); kept for the run."""
-        if not hasattr(self, "_records"):
-            self._records = {task: load_official(task, self.data_dir)
-                             for task in self.tasks if not self.generated(task)}
-        return self._records
-
-    def generated(self, task: str) -> bool:
-        """Whether ``task``'s samples are generated here (else read from official files)."""
-        return task in SYNTHETIC_TASKS and not self.official
-
-    def check(self) -> None:
-        """Raise InfLLMLiteError on a bad plan, before any work."""
-        if not self.tasks:
-            raise InfLLMLiteError("no tasks given")
-        for task in self.tasks:
-            get_task(task)
-        bad = [m for m in self.modes if m not in MODES]
-        if bad or not self.modes:
-            raise InfLLMLiteError(f"unknown attention modes {bad}; choose among {', '.join(MODES)}")
-        if self.lengths is not None and (not self.lengths or min(self.lengths) < 1):
-            raise InfLLMLiteError(f"lengths must be positive token counts, got {self.lengths}")
-        generated = [t for t in self.tasks if self.generated(t)]
-        if generated and not self.lengths:
-            raise InfLLMLiteError(f"generated tasks ({', '.join(generated)}) need lengths (e.g. "
-                                  "--lengths 4k,8k)")
-        if self.samples is not None and self.samples < 1:
-            raise InfLLMLiteError(f"samples must be at least 1, got {self.samples}")
-        if generated and self.samples is None:
-            raise InfLLMLiteError("generated tasks need a number of samples per length")
-        for mode, limit in self.max_len.items():
-            if mode not in MODES or (limit is not None and limit < 1):
-                raise InfLLMLiteError(f"bad truncation limit {mode}={limit}")
-        for task in self.tasks:  # a truncated prompt keeps 128 ids, then room for the rest
-            spec = get_task(task)
-            limits = [v for v in self.max_len.values() if v is not None]
-            if not self.generated(task):
-                limits += self.lengths or []
-            for limit in limits:
-                if limit - spec.max_new_tokens <= TRUNCATION_PREFIX:
-                    raise InfLLMLiteError(
-                        f"a limit of {limit} tokens is too small for {task}: a truncated prompt "
-                        f"keeps its first {TRUNCATION_PREFIX} tokens and leaves room for "
-                        f"{spec.max_new_tokens} new ones; use more than "
-                        f"{TRUNCATION_PREFIX + spec.max_new_tokens}")
+SETTINGS = "settings.json"
 
 
 def depths(n: int) -> list[float]:
@@ -161,22 +95,12 @@ def record_key(task: str, length: int | None, mode: str, sample_id: str) -> tupl
 
 
 def read_predictions(path: Path) -> list[dict]:
-    """The predictions already written (a torn last line from a killed run is dropped)."""
+    """The predictions already written (a torn last line from a killed run is dropped: that
+    sample runs again)."""
     if not path.is_file():
         return []
-    lines = path.read_text(encoding="utf-8").splitlines()
-    records = []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:
-                break  # interrupted mid-write: that sample runs again
-            raise InfLLMLiteError(f"{path}: line {i + 1} is not JSON; remove it or start a new "
-                                  "output directory") from None
-    return records
+    return [r for _, r in read_jsonl(path, torn_tail=True,
+                                     advice="; remove it or use another output folder")]
 
 
 def run_eval(model, tokenizer, plan: EvalPlan, out_dir: str | Path, *, progress: bool = True,
@@ -184,16 +108,17 @@ def run_eval(model, tokenizer, plan: EvalPlan, out_dir: str | Path, *, progress:
     """Run ``plan`` (skipping predictions already in ``out_dir``), write the summary, the
     markdown table and the plots there, and return the summary."""
     plan.check()
+    plan.check_scorers()
     plan.load_data()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    with writing(out):
+        out.mkdir(parents=True, exist_ok=True)
     path = out / PREDICTIONS
     _check_settings(out, plan, model)
     records = read_predictions(path)
     if path.is_file() and not path.read_bytes().endswith(b"\n") and path.stat().st_size:
         # killed mid-line: rewrite the whole records so new lines append cleanly
-        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records),
-                        encoding="utf-8")
+        write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     done = {record_key(r["task"], r["length"], r["mode"], r["id"]) for r in records}
     native = model.args.max_position_embeddings
     lengths = plan.lengths or [None]
@@ -201,7 +126,9 @@ def run_eval(model, tokenizer, plan: EvalPlan, out_dir: str | Path, *, progress:
     bar = tqdm(total=n_runs or None, desc="eval", unit="answer", disable=not progress)
     bar.update(sum(1 for r in records if r["task"] in plan.tasks and r["mode"] in plan.modes
                    and r["length"] in lengths))
-    with path.open("a", encoding="utf-8") as sink:
+    with writing(path):
+        sink = path.open("a", encoding="utf-8")
+    with sink:
         for length in lengths:  # shortest first: an interrupted run has every task's short cells
             for task in plan.tasks:
                 spec = get_task(task)
@@ -224,8 +151,9 @@ def run_eval(model, tokenizer, plan: EvalPlan, out_dir: str | Path, *, progress:
                                       truncated=len(used) < len(ids), **measured,
                                       **{k: v for k, v in sample.meta.items()
                                          if k in ("depth", "seed", "needle_token")})
-                        sink.write(json.dumps(record, ensure_ascii=False) + "\n")
-                        sink.flush()
+                        with writing(path):
+                            sink.write(json.dumps(record, ensure_ascii=False) + "\n")
+                            sink.flush()
                         records.append(record)
                         done.add(record_key(task, length, mode, sample.id))
                         bar.update(1)
@@ -235,9 +163,8 @@ def run_eval(model, tokenizer, plan: EvalPlan, out_dir: str | Path, *, progress:
 
 def report_only(plan: EvalPlan, out_dir: str | Path, *, plots: bool = True) -> dict:
     """Write summary.json, summary.md and the plots from the predictions already in
-    ``out_dir`` (of an interrupted run, say), running nothing; returns the summary."""
-    from .report import summarize, write_report
-
+    ``out_dir`` (of an interrupted run, say), running nothing; returns the summary
+    (``summary["files"]``: what it wrote, relative to ``out_dir``)."""
     out = Path(out_dir)
     path = out / SETTINGS
     if not path.is_file():
@@ -248,14 +175,11 @@ def report_only(plan: EvalPlan, out_dir: str | Path, *, plots: bool = True) -> d
     return summary
 
 
-SETTINGS = "settings.json"
-
-
 def _check_settings(out: Path, plan: EvalPlan, model) -> None:
     """Record what the predictions depend on (beyond which tasks, modes, lengths and samples
-    run); refuse to add to predictions made with other settings. The attention kernel is
-    not one of them (the kernels compute the same attention, held to one reference in the
-    tests): each prediction records its own."""
+    run); refuse to add to predictions made with other settings, naming what changed. The
+    attention kernel is not one of them (the kernels compute the same attention, held to one
+    reference in the tests): each prediction records its own."""
     memory = plan.memory or MemoryConfig.for_model(model.args)
     settings = dict(seed=plan.seed, memory=memory.to_dict(), max_len=plan.max_len,
                     chunk_size=plan.chunk_size, native_window=model.args.max_position_embeddings,
@@ -265,18 +189,31 @@ def _check_settings(out: Path, plan: EvalPlan, model) -> None:
     if path.is_file():
         before = json.loads(path.read_text(encoding="utf-8"))
         before.pop("attention_kernel", None)  # recorded by older runs; the kernels agree
-        changed = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
+        changed = settings_changes(before, settings)
         if changed:
-            raise InfLLMLiteError(
-                f"{out} holds predictions made with other settings ({', '.join(changed)} differ: "
-                f"{ {k: before.get(k) for k in changed} } there, { {k: settings.get(k) for k in changed} } "
-                "now); use another output folder")
+            raise InfLLMLiteError(f"{out} was written with other settings: {', '.join(changed)}; "
+                                  "use another output folder (--out) or the same options")
     else:
-        path.write_text(json.dumps(settings, indent=1) + "\n", encoding="utf-8")
+        write_atomic(path, json.dumps(settings, indent=1) + "\n")
 
 
-def plan_dict(plan: EvalPlan) -> dict:
-    """The plan as JSON (the memory config expanded)."""
-    d = asdict(plan)
-    d["memory"] = plan.memory.to_dict() if plan.memory is not None else None
-    return d
+def settings_changes(before: dict, now: dict, prefix: str = "") -> list[str]:
+    """What differs between two settings dicts, one "key old -> new" a change, nested keys
+    dotted ("memory.n_local 512 -> 256"); a key one side lacks reads "unset"."""
+    changes = []
+    for key in sorted(set(before) | set(now), key=str):
+        old, new = before.get(key, _UNSET), now.get(key, _UNSET)
+        if isinstance(old, dict) and isinstance(new, dict):
+            changes += settings_changes(old, new, f"{prefix}{key}.")
+        elif old != new:
+            changes.append(f"{prefix}{key} {_setting(old)} -> {_setting(new)}")
+    return changes
+
+
+_UNSET = object()
+
+
+def _setting(value) -> str:
+    if value is _UNSET or value is None:
+        return "unset" if value is _UNSET else "none"
+    return json.dumps(value)

@@ -21,10 +21,11 @@ Sources (each scorer follows one function of these files):
 Libraries: LongBench's ROUGE-L is the ``rouge`` package's (1.0.1, as the official code);
 InfiniteBench's ROUGE-Lsum is ``evaluate.load("rouge")``, which is ``rouge-score``'s
 ``RougeScorer`` without stemming, called here directly (``evaluate`` fetches the metric
-script from the Hub). LongBench's edit similarity is ``fuzzywuzzy.fuzz.ratio``; the official
-requirements (LongBench's, InfLLM's ``fuzzywuzzy==0.18.0``) do not install
-``python-Levenshtein``, so fuzzywuzzy falls back to ``difflib.SequenceMatcher``, which this
-port uses, with fuzzywuzzy's rounding and its equal/empty-string shortcuts. (With
+script from the Hub). Both are the ``eval`` extra (``pip install 'infllm-lite[eval]'``),
+imported on first use; ``require_scorers`` names a missing one before a run. LongBench's
+edit similarity is ``fuzzywuzzy.fuzz.ratio``; the official requirements (LongBench's,
+InfLLM's ``fuzzywuzzy==0.18.0``) do not install ``python-Levenshtein``, so fuzzywuzzy falls
+back to ``difflib.SequenceMatcher``, which this port uses, with fuzzywuzzy's rounding and its equal/empty-string shortcuts. (With
 python-Levenshtein, or rapidfuzz, the ratio is the optimal Indel one and differs: "aba"
 vs "bca" is 33 here and 67 there; THUDM/LongBench issue #96.)
 

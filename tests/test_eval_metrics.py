@@ -73,6 +73,7 @@ def test_qa_f1_takes_the_best_reference():
 
 
 def test_rouge_l():
+    pytest.importorskip("rouge")  # the eval extra
     # one sentence each, distinct words: LCS(cat sat on mat, cat lay on a mat) = cat on mat = 3;
     # R = 3/5, P = 3/4, F = 2PR/(P+R) = 0.9/1.35 = 2/3
     assert score("gov_report", "cat sat on mat", ["cat lay on a mat"]) \
@@ -236,6 +237,7 @@ def test_longbook_qa_eng_is_token_f1():
 
 
 def test_rouge_lsum_splits_sentences_at_newlines():
+    pytest.importorskip("rouge_score")  # the eval extra
     reference = "alpha beta gamma\ndelta epsilon"
     # summary-level LCS: sentence 1 meets "alpha gamma" (alpha, gamma) and "beta delta
     # epsilon" (beta): 3 hits; sentence 2 meets the second line: 2 hits; P = R = 5/5

@@ -100,7 +100,9 @@ def test_demo_on_a_short_haystack(capsys, tokenizer):
     assert code == 0, err
     key = make_passkey_sample(tokenizer, 1500, 0.5, seed=0).key
     assert "native window 8192" in out and "streaming memory:" in out
-    assert f"true key: {key}  ->  " in out and "answer:" in out and "prefill" in out
+    assert "answer:" in out and "prefill" in out
+    # the key (depth 0.5, about 750 tokens back) is outside StreamingLLM's 640 tokens
+    assert f"true key: {key}  ->  WRONG" in out
 
 
 def test_demo_with_infllm_compiles_before_the_timed_reading(capsys, tokenizer):
@@ -110,4 +112,6 @@ def test_demo_with_infllm_compiles_before_the_timed_reading(capsys, tokenizer):
     key = make_passkey_sample(tokenizer, 1500, 0.5, seed=0).key
     assert out.index("[infllm] compiling the attention") < out.index("[infllm] reading 1")
     assert "infllm memory: 128 initial + 512 local tokens" in out
-    assert f"true key: {key}  ->  " in out
+    # InfLLM retrieves the key from a block beyond its local window (checked: "The pass key is
+    # 66048. Remember it.")
+    assert f"answer:   The pass key is {key}." in out and f"true key: {key}  ->  RIGHT" in out

@@ -18,7 +18,17 @@ from infllm_lite.errors import InfLLMLiteError
 from infllm_lite.memory import BlockPool
 from infllm_lite.memory_config import MemoryConfig
 
-torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one thread is faster. Restored after the module, so that no other
+    module's numbers depend on whether this one was collected (a module-level
+    ``set_num_threads(1)`` made test_snapshot's new process, with 2 threads, differ)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def random_blocks(seed: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:

@@ -58,6 +58,7 @@ def test_new_process_continues_identically(tiny, tiny_folder, tmp_path):
 import torch
 from infllm_lite.loading import load_model
 from infllm_lite.snapshot import load_snapshot
+torch.set_num_threads({torch.get_num_threads()})  # as here: the sums' order depends on it
 model, _ = load_model({str(tiny_folder)!r}, dtype=torch.float32, device="cpu", progress=False)
 ids = torch.load({str(tmp_path / "ids.pt")!r})
 snap = load_snapshot({str(tmp_path / "m.snap")!r}, model, kernel="torch")

@@ -29,6 +29,7 @@ import torch
 from infllm_lite.attention.base import attend_in_calls
 from infllm_lite.attention.full import FullAttentionState
 from infllm_lite.attention.infllm import InfLLMState
+from infllm_lite.attention.kernels import make_kernel
 from infllm_lite.kernels.block_relevance import select_blocks
 from infllm_lite.kernels.representative_scores import representative_scores_torch
 from infllm_lite.memory import BlockPool
@@ -88,7 +89,7 @@ def filled_layer(memory) -> LayerStream:
 def layer_copy(filled: LayerStream, kernel: str) -> LayerStream:
     """An independent copy of the filled layer that attends with ``kernel``."""
     state = copy.deepcopy(filled.state)  # the pool's fast tier stays a view of the copy's slots
-    state.kernel = kernel  # read per chunk; the memory itself does not depend on the kernel
+    state.kernel = make_kernel(kernel, "cpu")  # used per chunk; the memory itself does not depend on it
     return LayerStream(state, filled.qkv, filled.rope)
 
 

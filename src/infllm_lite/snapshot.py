@@ -28,7 +28,7 @@ from .errors import InfLLMLiteError
 from .memory_config import MemoryConfig
 
 FORMAT = "infllm-lite-snapshot"
-VERSION = 1
+VERSION = 2  # 2: an InfLLM memory holds only the slots and blocks in use
 # MemoryConfig fields that only say where the memory lives or how a prompt is cut into calls
 PLACEMENT = ("max_host_bytes", "offload_dir", "chunk_size")
 

@@ -10,12 +10,14 @@ from ..memory_config import MemoryConfig
 from .base import AttentionState, LayerAttention
 from ..options import ATTENTION_MODES
 from .full import FullAttentionState
+from .kernels import InfLLMKernel, make_kernel
 
 
 def make_attention_state(mode: str, args: ModelArgs, *, capacity: int,
                          memory: MemoryConfig | None = None, batch_size: int = 1,
                          dtype: torch.dtype = torch.float32,
-                         device: torch.device | str = "cpu", kernel: str = "auto") -> AttentionState:
+                         device: torch.device | str = "cpu",
+                         kernel: "str | InfLLMKernel" = "auto") -> AttentionState:
     """A fresh attention memory of the given mode.
 
     ``full`` preallocates ``capacity`` tokens; ``streaming`` and ``infllm`` are unbounded
@@ -23,8 +25,7 @@ def make_attention_state(mode: str, args: ModelArgs, *, capacity: int,
     how ``infllm`` computes its attention (``auto``, ``window``, ``flex``, … see
     :mod:`.infllm`).
     """
-    from .infllm import check_kernel
-    check_kernel(kernel)  # for every mode: a bad option is refused whatever it would apply to
+    kernel = make_kernel(kernel, device)  # resolved once (and a bad name refused) in every mode
     if mode == "full":
         return FullAttentionState(args, capacity, batch_size=batch_size, dtype=dtype, device=device)
     if mode not in ATTENTION_MODES:
@@ -41,9 +42,8 @@ def make_attention_state(mode: str, args: ModelArgs, *, capacity: int,
 def kernel_name(kernel: str, device: torch.device | str) -> str:
     """The InfLLM kernel ``kernel`` (one of ``options.ATTENTION_KERNELS``) resolves to on
     ``device`` (``auto`` -> ``window`` on the CPU, ``flex`` elsewhere)."""
-    from .infllm import resolve_kernel
-    return resolve_kernel(kernel, device)
+    return make_kernel(kernel, device).name
 
 
-__all__ = ["kernel_name", "ATTENTION_MODES", "AttentionState", "FullAttentionState", "LayerAttention",
-           "make_attention_state"]
+__all__ = ["ATTENTION_MODES", "AttentionState", "FullAttentionState", "InfLLMKernel", "LayerAttention",
+           "kernel_name", "make_attention_state", "make_kernel"]

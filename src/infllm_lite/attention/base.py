@@ -77,11 +77,11 @@ class AttentionState:
             raise InfLLMLiteError("restore needs a fresh attention memory (this one has read tokens)")
         if len(meta["layers"]) != len(self.layers):
             raise InfLLMLiteError(f"the snapshot has {len(meta['layers'])} layers, the model {len(self.layers)}")
+        self.length = int(meta["length"])  # the layers size what they read by it
         for i, (layer, layer_meta) in enumerate(zip(self.layers, meta["layers"])):
             prefix = f"layers.{i}."
             layer.restore({k[len(prefix):]: x for k, x in tensors.items() if k.startswith(prefix)},
                           layer_meta)
-        self.length = int(meta["length"])
 
     def positions(self, n_tokens: int) -> torch.Tensor:
         """(n_tokens,) absolute positions of the next tokens, as a device tensor."""

@@ -30,7 +30,8 @@ calls, each a normalised weighted sum:
 Only log P(i → i) < -87 within the local window (a query giving its own token less than
 1e-38 of its local attention) would underflow. Nothing finer than 128 × 128 tiles is
 materialised. The same code runs on CUDA, where compiled flex could also return the
-log-sum-exp directly.
+log-sum-exp directly. :mod:`.dense_joint` is the same computation with every logit
+materialised (the ``torch`` kernel, for debugging).
 """
 
 from __future__ import annotations
@@ -238,29 +239,6 @@ def _joint(q_loc, q_far, k_self, k_rot, k_raw, v_ext, q_pos, k_pos, sw_pos, far_
     o_sw = call(k_local, keys, values, -pos_local, -sw_pos, swapped_tiles, n_local, False)  # (B, Hkv, L, G + 1)
     sums = o_sw[..., :G] / o_sw[..., G:G + 1]  # (B, Hkv, L, G)
     return out, sums.permute(0, 1, 3, 2).reshape(B, H, -1), lse
-
-
-def joint_attention_dense(q_loc: torch.Tensor, q_far: torch.Tensor, k_self: torch.Tensor,
-                          k_rot: torch.Tensor, k_raw: torch.Tensor, v_ext: torch.Tensor,
-                          masks: ChunkMasks, far_pos: torch.Tensor, far_lists, n_local: int
-                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The same as :func:`joint_attention_flex` with every logit materialised: the plain
-    torch path, for debugging (no compile, (B, H, T, S) scores)."""
-    B, H, T, d = q_loc.shape
-    G = H // k_rot.shape[1]
-    keys_loc = k_rot[:, :, :-1, :d].repeat_interleave(G, dim=1)  # (B, H, S-1, d), sentinel dropped
-    keys_far = k_raw[:, :, :-1, :d].repeat_interleave(G, dim=1)
-    values = v_ext[:, :, :-1, :d].repeat_interleave(G, dim=1)
-    dist = masks.q_pos[:, None] - masks.k_pos[None, :-1]  # (T, S-1)
-    local = (dist >= 0) & (dist < n_local)
-    far = (masks.q_pos[:, None] - far_pos[:, None, :-1] >= n_local)[:, None]  # (B, 1, T, S-1)
-    scale = 1.0 / math.sqrt(d)
-    logits = torch.where(local, q_loc @ keys_loc.transpose(-1, -2) * scale,
-                         torch.where(far, q_far @ keys_far.transpose(-1, -2) * scale, float("-inf")))
-    lse = torch.logsumexp(logits, dim=-1)  # (B, H, T), -inf on padding rows
-    p = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # padding rows see nothing
-    sums = (p * local).sum(dim=2)[..., :masks.local_end]  # (B, H, local_end)
-    return p @ values, sums, torch.where(lse.isfinite(), lse, 0.0)
 
 
 def _sentinel_call(q, k, v, q_pos, k_pos, tiles, n_local: int, far: bool):

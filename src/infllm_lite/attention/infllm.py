@@ -27,7 +27,7 @@ their representative vectors ``block_repr`` (B, N, H·d) stay here.
 A model call is cut into execution chunks of ``exc_block_size`` queries. For a chunk the
 layer (1) stores the chunk's keys, (2) selects the blocks (all if few, else top-k of
 ``q̄ · repr``, :mod:`infllm_lite.kernels.block_relevance`) and makes them resident in the pool, (3) attends through
-:func:`.flex_joint.joint_attention_flex` (local keys at their true RoPE positions, far
+its kernel (local keys at their true RoPE positions, far
 keys with the query at ``n_local - 1``, one softmax), (4) adds the local probabilities to
 the tail's scores, (5) forms every block that left the window, vectorised over blocks.
 Chunks are padded to ``exc_block_size`` queries (a single-token decode step stays one
@@ -35,17 +35,17 @@ query), so compiled attention sees two shapes in a whole generation. Counts used
 slicing are host-side integers derived from positions; the selection is read on the host
 only by the pool's page table (one read per chunk and layer, free on the CPU).
 
-Backends (``InfLLMState(kernel=...)``): ``"auto"`` (the default) picks ``"window"`` on
-the CPU and ``"flex"`` elsewhere; ``"flex"`` compiled FlexAttention, ``"flex-eager"`` the
-same calls uncompiled; ``"window"`` compiled dense attention over each query tile's key
-window (:mod:`.window_joint`: about twice as fast as compiled flex on the CPU, where flex
-visits its tiles in a loop), ``"window-eager"`` uncompiled; ``"torch"`` every logit of the
-slot array materialised (for debugging).
+Kernels (``InfLLMState(kernel=...)``, resolved once into an object by
+:func:`.kernels.make_kernel`): ``"auto"`` (the default) picks ``"window"`` on the CPU and
+``"flex"`` elsewhere; ``"flex"`` compiled FlexAttention, ``"flex-eager"`` the same calls
+uncompiled; ``"window"`` compiled dense attention over each query tile's key window
+(:mod:`.window_joint`: about twice as fast as compiled flex on the CPU, where flex visits
+its tiles in a loop), ``"window-eager"`` uncompiled; ``"torch"`` every logit of the slot
+array materialised (:mod:`.dense_joint`, for debugging). The slot layout is
+:class:`.slots.SlotLayout`; a layer's ``tail_start`` follows from its block count.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -53,79 +53,43 @@ import torch.nn.functional as F
 from ..config import ModelArgs
 from ..errors import InfLLMLiteError
 from ..kernels.block_relevance import select_blocks
-from ..kernels.representative_scores import representative_scores
 from ..memory import BlockPool, PoolStats
 from ..memory_config import MemoryConfig, n_formed_blocks
 from ..rope import RotaryEmbedding, apply_rope
 from .base import AttentionState, LayerAttention, copy_into
-from .flex_joint import (EMPTY, FAR, FLEX_BLOCK, PAD_QUERY, ChunkMasks, chunk_masks, compiled_once,
-                         far_tiles, joint_attention_dense, joint_attention_flex)
-from .window_joint import block_keys, joint_attention_window, window_sizes, window_slots
-
-KERNELS = ("auto", "flex", "flex-eager", "window", "window-eager", "torch")
-WINDOW_KERNELS = ("window", "window-eager")
-
-
-def check_kernel(kernel: str) -> None:
-    """Refuse an unknown attention kernel with the list of known ones."""
-    if kernel not in KERNELS:
-        raise InfLLMLiteError(f"unknown attention kernel {kernel!r}; available: {', '.join(KERNELS)}")
-
-
-def resolve_kernel(kernel: str, device: torch.device | str) -> str:
-    """The kernel ``kernel`` names on ``device``: ``auto`` is ``window`` on the CPU (measured
-    twice as fast there as compiled flex), ``flex`` on other devices."""
-    check_kernel(kernel)
-    if kernel != "auto":
-        return kernel
-    return "window" if torch.device(device).type == "cpu" else "flex"
-
-
-@dataclass
-class ChunkGeometry:
-    """What every layer shares for one execution chunk."""
-
-    padded: int  # query rows after padding
-    cos: torch.Tensor  # (padded, d) rotation of the query rows (position 0 on padding)
-    sin: torch.Tensor
-    q_pos: torch.Tensor  # (padded,) query positions, PAD_QUERY on padding rows
-    # flex kernels: the tile masks, and the far call's slot positions (B, S) and tiles when
-    # no block is selected
-    masks: ChunkMasks | None = None
-    far_pos: torch.Tensor | None = None
-    far_lists: tuple[torch.Tensor, ...] | None = None
-    # window kernels (:mod:`.window_joint`): each query tile's local window slots and
-    # positions (n_tiles, W), the far prefix's positions (F,)
-    win_idx: torch.Tensor | None = None
-    win_pos: torch.Tensor | None = None
-    prefix_pos: torch.Tensor | None = None
-    reach: tuple[int, ...] = ()  # how far into the prefix each tile reaches
+from .kernels import ChunkGeometry, InfLLMKernel, make_kernel
+from .slots import SlotLayout
 
 
 class InfLLMLayerAttention(LayerAttention):
     """One layer's InfLLM memory."""
 
     def __init__(self, state: "InfLLMState", args: ModelArgs):
-        cfg = state.config
+        cfg, lay = state.config, state.layout
         B, Hkv, d = state.batch_size, args.n_kv_heads, args.head_dim
         self.state, self.cfg = state, cfg
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, Hkv, d
-        slots = torch.zeros(B, Hkv, state.n_slots, d + 2, device=state.device)  # float32
+        slots = torch.zeros(B, Hkv, lay.n_slots, d + 2, device=state.device)  # float32
         slots[:, :, :-1, d] = 1.0  # "real" column
         slots[:, :, -1, d + 1] = 1.0  # "sentinel" column
         self.k_rot, self.k_raw, self.v = slots, slots.clone(), slots.clone()
-        self.tail_scores = torch.zeros(B, args.n_heads, state.tail_capacity, device=state.device)
-        self.tail_start = cfg.n_init  # absolute position of the first tail slot
+        self.tail_scores = torch.zeros(B, args.n_heads, lay.tail_capacity, device=state.device)
         self.n_blocks = 0
         self.block_repr = torch.zeros(B, 0, args.n_heads * d, dtype=torch.float32, device=state.device)
-        a, b = state.pool_slot, state.pool_end
+        a, b = lay.pool_slot, lay.pool_end
         self.pool = BlockPool(
-            B, Hkv, cfg.block_size, d, n_slots=state.n_pool, dtype=state.dtype, device=state.device,
+            B, Hkv, cfg.block_size, d, n_slots=lay.n_pool, dtype=state.dtype, device=state.device,
             policy=cfg.cache_policy, score_decay=cfg.score_decay, max_host_bytes=state.host_bytes_per_layer,
             offload_dir=cfg.offload_dir,
-            fast_k=self.k_raw[:, :, a:b, :d].unflatten(2, (state.n_pool, cfg.block_size)),
-            fast_v=self.v[:, :, a:b, :d].unflatten(2, (state.n_pool, cfg.block_size)))
+            fast_k=self.k_raw[:, :, a:b, :d].unflatten(2, (lay.n_pool, cfg.block_size)),
+            fast_v=self.v[:, :, a:b, :d].unflatten(2, (lay.n_pool, cfg.block_size)))
         self.trace: list[tuple[int, int, torch.Tensor]] = []
+
+    @property
+    def tail_start(self) -> int:
+        """Absolute position of the first tail slot: every token after the initial ones
+        that is not yet in a block."""
+        return self.cfg.n_init + self.n_blocks * self.cfg.block_size
 
     # ------------------------------------------------------------------ interface
     def attend(self, q, k, v, positions, cos, sin, rope):
@@ -136,33 +100,52 @@ class InfLLMLayerAttention(LayerAttention):
             outs.append(self._chunk(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], start + a, start + b, rope))
         return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
 
+    def _held(self) -> tuple[int, int]:
+        """(initial tokens, tail tokens) the slot array holds after ``state.length`` tokens."""
+        n = self.state.length
+        return min(self.cfg.n_init, n), max(0, n - self.tail_start)
+
     def export(self):
-        n = self.n_blocks
-        tensors = {"k_rot": self.k_rot, "k_raw": self.k_raw, "v": self.v,
-                   "tail_scores": self.tail_scores, "block_repr": self.block_repr[:, :n]}
+        """Only what is in use: the initial and tail tokens' un-rotated keys and values (the
+        rotated keys are recomputed on restore), the tail's scores, the representative
+        vectors and the pool's blocks (its fast tier is reloaded from them)."""
+        d, (m, used), t0 = self.head_dim, self._held(), self.state.layout.tail_slot
+        tensors = {"init_k": self.k_raw[:, :, :m, :d], "init_v": self.v[:, :, :m, :d],
+                   "tail_k": self.k_raw[:, :, t0:t0 + used, :d], "tail_v": self.v[:, :, t0:t0 + used, :d],
+                   "tail_scores": self.tail_scores[:, :, :used], "block_repr": self.block_repr[:, :self.n_blocks]}
         pool_tensors, pool_meta = self.pool.export()
         tensors.update({f"pool.{name}": x for name, x in pool_tensors.items()})
-        return tensors, {"tail_start": self.tail_start, "n_blocks": n, "pool": pool_meta}
+        return tensors, {"n_blocks": self.n_blocks, "pool": pool_meta}
 
     def restore(self, tensors, meta):
-        for name in ("k_rot", "k_raw", "v", "tail_scores"):  # the fast tier is in k_raw / v
-            copy_into(getattr(self, name), tensors[name], name)
         n = int(meta["n_blocks"])
+        formed = n_formed_blocks(self.cfg, self.state.length)
+        if n != formed:
+            raise InfLLMLiteError(f"the snapshot's layer holds {n} blocks after {self.state.length} tokens; "
+                                  f"a memory of this shape forms {formed} (another MemoryConfig)")
         self._grow_repr(n)
         copy_into(self.block_repr[:, :n], tensors["block_repr"], "block_repr")
+        self.n_blocks = n
+        d, (m, used), t0 = self.head_dim, self._held(), self.state.layout.tail_slot
+        for a, count, first, part in ((0, m, 0, "init"), (t0, used, self.tail_start, "tail")):
+            raw = self.k_raw[:, :, a:a + count, :d]
+            copy_into(raw, tensors[f"{part}_k"], f"{part}_k")
+            copy_into(self.v[:, :, a:a + count, :d], tensors[f"{part}_v"], f"{part}_v")
+            # rotated as the chunk that stored them rotated them: elementwise, the same bits
+            cos, sin = self.state.rope(torch.arange(first, first + count, device=raw.device), torch.float32)
+            self.k_rot[:, :, a:a + count, :d] = apply_rope(raw, cos, sin)
+        copy_into(self.tail_scores[:, :, :used], tensors["tail_scores"], "tail_scores")
         self.pool.restore({k[5:]: x for k, x in tensors.items() if k.startswith("pool.")}, meta["pool"])
         if self.pool.n_blocks != n:
             raise InfLLMLiteError(f"the snapshot's pool holds {self.pool.n_blocks} blocks, its "
                                   f"layer {n}")
-        self.n_blocks, self.tail_start = n, int(meta["tail_start"])
 
     # ------------------------------------------------------------------ one execution chunk
     def _chunk(self, q, k, v, s: int, e: int, rope: RotaryEmbedding) -> torch.Tensor:
         """q: (B, H, T, d), k/v: (B, Hkv, T, d) for positions [s, e). Returns (B, H, T, d)."""
         state, T = self.state, e - s
         geo = state.geometry(s, e, self.tail_start, rope)
-        pad = geo.padded - T
-        q32 = F.pad(q.float(), (0, 0, 0, pad))  # (B, H, Tp, d)
+        q32 = F.pad(q.float(), (0, 0, 0, geo.padded - T))  # (B, H, Tp, d)
         q_loc = apply_rope(q32, geo.cos, geo.sin)  # true positions
         q_far = apply_rope(q32, state.cos_far, state.sin_far)  # the one far angle
         k_rot = apply_rope(k.float(), geo.cos[:T], geo.sin[:T])  # (B, Hkv, T, d)
@@ -171,10 +154,9 @@ class InfLLMLayerAttention(LayerAttention):
         union = slots = None
         if selected is not None:
             union, union_slots, slots = self._make_resident(selected)
-        if state.kernel in WINDOW_KERNELS:
-            out, lse = self._attend_window(q_loc, q_far, geo, slots, e)
-        else:
-            out, lse = self._attend_flex(q_loc, q_far, F.pad(k_rot, (0, 0, 0, pad)), geo, slots, e)
+        out, sums, lse = state.kernel.attend(state.layout, q_loc, q_far, k_rot, self.k_rot, self.k_raw,
+                                             self.v, geo, slots)
+        self._add_scores(sums, e)
         if union is not None and self.pool.policy == "lru-s":
             mass = self._slot_mass(q_far[:, :, :T], lse[:, :, :T], slots)  # (n_pool,)
             self.pool.record_chunk(union, mass[union_slots])
@@ -193,48 +175,18 @@ class InfLLMLayerAttention(LayerAttention):
                 buf[:, :, s:s + m, :d] = x[:, :, :m]
             k_raw, k_rot, v, s = k_raw[:, :, m:], k_rot[:, :, m:], v[:, :, m:], s + m
         if e > s:
-            a = self.state.tail_slot + s - self.tail_start
+            a = self.state.layout.tail_slot + s - self.tail_start
             b = a + e - s
             for buf, x in ((self.k_raw, k_raw), (self.k_rot, k_rot), (self.v, v)):
                 buf[:, :, a:b, :d] = x
             self.tail_scores[:, :, s - self.tail_start:e - self.tail_start] = 0
-
-    def _attend_flex(self, q_loc, q_far, k_self, geo: ChunkGeometry, slots, e: int):
-        """Joint attention through the flex (or torch) kernel; adds the tail's score
-        increments. Returns the output (B, H, Tp, d) and the joint lse (B, H, Tp)."""
-        state = self.state
-        far_pos, far_lists = geo.far_pos, geo.far_lists
-        if slots is not None:  # mark the selected blocks' pool slots far
-            chosen = torch.zeros(slots.shape[0], state.n_pool, dtype=torch.bool, device=slots.device)
-            chosen.scatter_(1, slots, True)
-            pool_far = chosen.repeat_interleave(self.cfg.block_size, dim=1)  # (B, n_pool·bs)
-            far_pos = geo.far_pos.clone()
-            far_pos[:, state.pool_slot:state.pool_end] = torch.where(pool_far, FAR, EMPTY)
-            far_lists = far_tiles(geo.masks, pool_far, state.pool_slot, self.cfg.n_local)
-        out, sums, lse = state.attention(q_loc, q_far, k_self, self.k_rot, self.k_raw, self.v, geo.masks,
-                                         far_pos, far_lists, self.cfg.n_local)
-        self._add_scores(sums, e)
-        return out, lse
-
-    def _attend_window(self, q_loc, q_far, geo: ChunkGeometry, slots, e: int):
-        """Joint attention through :mod:`.window_joint`; adds the tail's score increments."""
-        state, cfg = self.state, self.cfg
-        block_slots = None if slots is None else state.pool_slot + slots * cfg.block_size  # (B, k)
-        block_idx, block_used = block_keys(block_slots, cfg.topk, cfg.block_size, state.batch_size, state.device)
-        attend = (compiled_once("window", joint_attention_window) if state.kernel == "window"
-                  else joint_attention_window)
-        out, sums, lse = attend(q_loc, q_far, self.k_rot, self.k_raw, self.v, geo.q_pos, geo.win_idx,
-                                geo.win_pos, geo.prefix_pos, geo.reach, block_idx, block_used,
-                                cfg.n_local, state.local_end)
-        self._add_scores(sums, e)
-        return out, lse
 
     def _add_scores(self, sums: torch.Tensor, e: int) -> None:
         """Add the chunk's local probabilities summed per slot (B, H, ≥ local_end) to the
         tail's representative scores (SPEC §5); the initial tokens never form blocks."""
         used = e - self.tail_start  # the tail holds positions [tail_start, e)
         if used > 0:
-            t0 = self.state.tail_slot
+            t0 = self.state.layout.tail_slot
             self.tail_scores[:, :, :used] += sums[:, :, t0:t0 + used]
 
     def _make_resident(self, selected: torch.Tensor):
@@ -258,7 +210,7 @@ class InfLLMLayerAttention(LayerAttention):
         logits = q_far.reshape(B, Hkv, G * T, d) @ keys.transpose(-1, -2) / d ** 0.5  # (B, Hkv, G·T, k·bs)
         p = (logits - lse.reshape(B, Hkv, G * T, 1)).exp()
         per_slot = p.sum(dim=2).unflatten(-1, (slots.shape[1], bs)).sum(dim=(1, 3))  # (B, k)
-        return torch.zeros(self.state.n_pool, device=q_far.device).index_add_(0, slots.flatten(),
+        return torch.zeros(self.state.layout.n_pool, device=q_far.device).index_add_(0, slots.flatten(),
                                                                               per_slot.flatten())
 
     def _select(self, q_far: torch.Tensor) -> torch.Tensor | None:
@@ -273,7 +225,7 @@ class InfLLMLayerAttention(LayerAttention):
         if new <= 0:
             return
         B, Hkv, d, H, bs = self.k_raw.shape[0], self.n_kv_heads, self.head_dim, self.n_heads, cfg.block_size
-        n_tok, t0 = new * bs, self.state.tail_slot
+        n_tok, t0 = new * bs, self.state.layout.tail_slot
         keys = self.k_raw[:, :, t0:t0 + n_tok, :d].reshape(B, Hkv, new, bs, d)
         values = self.v[:, :, t0:t0 + n_tok, :d].reshape(B, Hkv, new, bs, d)
         scores = self.tail_scores[:, :, :n_tok].reshape(B, H, new, bs)
@@ -284,14 +236,13 @@ class InfLLMLayerAttention(LayerAttention):
         self._grow_repr(target)
         self.pool.append(keys.to(self.state.dtype), values.to(self.state.dtype))
         self.block_repr[:, self.n_blocks:target] = repr_vec
-        self.n_blocks = target
         # shift the tail left by the formed tokens
         used = e - self.tail_start  # the tail holds positions [tail_start, e)
         rest = used - n_tok
         for buf in (self.k_raw, self.k_rot, self.v):
             buf[:, :, t0:t0 + rest, :d] = buf[:, :, t0 + n_tok:t0 + used, :d].clone()
         self.tail_scores[:, :, :rest] = self.tail_scores[:, :, n_tok:used].clone()
-        self.tail_start += n_tok
+        self.n_blocks = target  # the tail now starts n_tok tokens later
 
     def _grow_repr(self, needed: int) -> None:
         """Room for ``needed`` representative vectors, doubling the capacity (amortised)."""
@@ -313,46 +264,26 @@ class InfLLMLayerAttention(LayerAttention):
 class InfLLMState(AttentionState):
     """InfLLM memories of all layers for one generation (unbounded length).
 
-    ``close()`` (or the end of a generation) releases the pools' disk files; ``stats()``
-    adds up the pools' counters over the layers."""
+    ``kernel``: an ``attention_kernel`` option (``options.ATTENTION_KERNELS``) or an
+    :class:`~.kernels.InfLLMKernel`, resolved once. ``close()`` (or the end of a
+    generation) releases the pools' disk files; ``stats()`` adds up the pools' counters
+    over the layers."""
 
     def __init__(self, args: ModelArgs, config: MemoryConfig, *, batch_size: int = 1,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                 kernel: str = "auto"):
+                 kernel: "str | InfLLMKernel" = "auto"):
         self.config, self.batch_size, self.dtype = config, batch_size, dtype
         self.device = torch.device(device)
-        self.kernel = resolve_kernel(kernel, self.device)
-        # representative scores of chunks by the kernel (Triton on CUDA) instead of the
-        # swapped flex call (on by default on CUDA only; tests turn it on for the CPU too)
-        self.representative_kernel = self.device.type == "cuda"
+        self.kernel = make_kernel(kernel, self.device)
+        self.layout = SlotLayout.build(config, batch_size=batch_size, group=args.n_heads // args.n_kv_heads)
+        self.rope = RotaryEmbedding(args).to(self.device)  # the model's rotation, for restored keys
         self.length = 0
         self.record = False
-        self.group = args.n_heads // args.n_kv_heads
-        self.tail_slot = config.n_init  # first tail slot
-        self.tail_capacity = config.n_local + config.block_size + config.exc_block_size  # never exceeded
-        self.local_end = self.tail_slot + self.tail_capacity
-        # the pool's slots start on a tile, so whole blocks of 128 are whole tiles; every
-        # sequence's top-k must fit at once
-        self.n_pool = max(config.max_cached_blocks, batch_size * config.topk, 1)
-        self.pool_slot = -(-self.local_end // FLEX_BLOCK) * FLEX_BLOCK
-        self.pool_end = self.pool_slot + self.n_pool * config.block_size
-        self.n_slots = self.pool_end + 1  # + the sentinel
         self.host_bytes_per_layer = (None if config.max_host_bytes is None
                                      else max(1, config.max_host_bytes // args.n_layers))
         self._geometry_key, self._geometry = None, None
         self.cos_far, self.sin_far = None, None
         self.layers = [InfLLMLayerAttention(self, args) for _ in range(args.n_layers)]
-
-    def attention(self, q_loc, q_far, k_self, k_rot, k_raw, v, masks, far_pos, far_lists, n_local):
-        """The joint attention of one chunk through the chosen kernel."""
-        if self.kernel == "torch":
-            return joint_attention_dense(q_loc, q_far, k_self, k_rot, k_raw, v, masks, far_pos, far_lists,
-                                         n_local)
-        # on CUDA the representative scores come from the Triton kernel; on the CPU the
-        # swapped flex call computes them (compiled, it is the faster there)
-        scores = representative_scores if self.representative_kernel else None
-        return joint_attention_flex(q_loc, q_far, k_self, k_rot, k_raw, v, masks, far_pos, far_lists,
-                                    n_local, compiled=self.kernel == "flex", scores=scores)
 
     def stats(self) -> PoolStats:
         """The block pools' counters added up over the layers."""
@@ -366,37 +297,13 @@ class InfLLMState(AttentionState):
         super().close()
 
     def geometry(self, s: int, e: int, tail_start: int, rope: RotaryEmbedding) -> ChunkGeometry:
-        """Positions, rotations and tile masks of the chunk [s, e): identical in every
-        layer, so built once per chunk. Chunks of more than one query are padded to
-        ``exc_block_size`` rows so that compiled attention sees one shape for them."""
+        """The kernel's geometry of the chunk [s, e): identical in every layer, so built
+        once per chunk."""
         key = (s, e, tail_start, self.kernel)
-        if self._geometry_key == key:
-            return self._geometry
-        cfg, device = self.config, self.device
-        T = e - s
-        padded = T if T == 1 else cfg.exc_block_size
-        if self.kernel in WINDOW_KERNELS:
-            padded, tile, W, reach = window_sizes(padded, cfg.n_init, cfg.n_local, cfg.block_size, self.local_end)
-        if self.cos_far is None:
-            self.cos_far, self.sin_far = rope(torch.tensor([cfg.n_local - 1], device=device), torch.float32)
-        rows = torch.arange(padded, device=device)
-        q_pos = torch.where(rows < T, s + rows, PAD_QUERY)  # (Tp,)
-        cos, sin = rope(torch.where(rows < T, s + rows, 0), torch.float32)
-        k_pos = torch.full((self.n_slots,), EMPTY, dtype=torch.long, device=device)
-        n_init_seen = min(cfg.n_init, e)
-        k_pos[:n_init_seen] = torch.arange(n_init_seen, device=device)
-        used = max(0, e - tail_start)
-        k_pos[self.tail_slot:self.tail_slot + used] = torch.arange(tail_start, tail_start + used, device=device)
-        if self.kernel in WINDOW_KERNELS:
-            last = e if e <= cfg.n_init else self.tail_slot + used  # slot after the chunk's last token
-            win_idx, win_pos = window_slots(k_pos, padded, last, T, tile, W)
-            geometry = ChunkGeometry(padded, cos, sin, q_pos, win_idx=win_idx, win_pos=win_pos,
-                                     prefix_pos=k_pos[:max(reach)], reach=reach)
-        else:
-            masks = chunk_masks(q_pos, k_pos, cfg.n_local, self.group, self.local_end)
-            none_far = torch.zeros(self.batch_size, self.pool_end - self.pool_slot, dtype=torch.bool,
-                                   device=device)
-            geometry = ChunkGeometry(padded, cos, sin, q_pos, masks, k_pos.expand(self.batch_size, -1),
-                                     far_tiles(masks, none_far, self.pool_slot, cfg.n_local))
-        self._geometry_key, self._geometry = key, geometry
-        return geometry
+        if self._geometry_key != key:
+            if self.cos_far is None:
+                far = torch.tensor([self.config.n_local - 1], device=self.device)
+                self.cos_far, self.sin_far = rope(far, torch.float32)
+            self._geometry = self.kernel.geometry(self.layout, s, e, tail_start, rope, self.device)
+            self._geometry_key = key
+        return self._geometry

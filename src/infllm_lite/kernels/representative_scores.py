@@ -1,4 +1,4 @@
-"""Representative scores (SPEC §3): how much attention each key received from the queries
+"""Representative scores (SPEC §5): how much attention each key received from the queries
 that saw it in their local window,
 
     scores[b, h, j] = Σ_i exp(q[b,h,i] · k[b,h//G,j] / sqrt(d) − lse[b,h,i])

@@ -4,7 +4,8 @@ A block is the K and the V of ``block_size`` tokens, each (B, Hkv, block_size, d
 get logical ids 0, 1, 2, ... in the order they are appended and never change.
 
 * **Fast tier**: ``slot_k`` / ``slot_v`` (B, Hkv, n_slots, block_size, d) on ``device``
-  (the GPU, or CPU memory when there is none), ``n_slots = max_cached_blocks``. The
+  (the GPU, or CPU memory when there is none); the InfLLM layer gives ``n_slots =
+  max(max_cached_blocks, batch · topk)`` (every sequence's top-k resident at once). The
   InfLLM layer passes views into its attention slot array (``fast_k``/``fast_v``, float32
   there), so a loaded block is where the attention reads it: no per-chunk gather. A page
   table maps logical block -> slot (-1 when not resident) and slot -> block. The
@@ -308,8 +309,8 @@ class BlockPool:
     def export(self) -> tuple[dict[str, torch.Tensor], dict]:
         """The pool's state for a snapshot: every block's K and V (n, B, Hkv, bs, d) on the
         host, from host and disk (read whole: a snapshot holds all blocks), the ``lru-s``
-        values, and as JSON the page table, recency clock and counters. The fast tier's
-        contents are not included: they belong to the views' owner (``fast_k``/``fast_v``)."""
+        values, and as JSON the page table, recency clock and counters. The fast tier holds
+        copies of some of these blocks: it is not written, :meth:`restore` reloads it."""
         self._check_open()
         stats = replace(self._stats)  # reading the disk for a snapshot is not the run's traffic
         k, v = self._gather_slow(list(range(self.n_blocks)))
@@ -320,9 +321,9 @@ class BlockPool:
         return tensors, meta
 
     def restore(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-        """Load :meth:`export`'s output into this new, empty pool of the same shape (the blocks
-        go to host and disk by this pool's ``max_host_bytes``; the fast tier's contents are
-        restored by the owner of its views)."""
+        """Load :meth:`export`'s output into this new, empty pool of the same shape: the blocks
+        go to host and disk by this pool's ``max_host_bytes``, and the page table's resident
+        blocks are loaded back into their fast-tier slots (the same bits)."""
         self._check_open()
         if self.n_blocks:
             raise InfLLMLiteError("restore: the pool already holds blocks; restore into a new pool")
@@ -341,10 +342,13 @@ class BlockPool:
         for slot, block in enumerate(self._block_of):
             if block >= 0:
                 self._slot_of[block] = slot
+        resident = [(b, slot) for slot, b in enumerate(self._block_of) if b >= 0]
+        if resident:
+            self._load([b for b, _ in resident], [slot for _, slot in resident])
         self._tick = [int(t) for t in meta["tick"]]
         self._clock = int(meta["clock"])
         self.slot_score.copy_(tensors["slot_score"])
-        self._stats = PoolStats(**meta["stats"])
+        self._stats = PoolStats(**meta["stats"])  # the reload above is not the run's traffic
 
     # ------------------------------------------------------------------ bookkeeping
 

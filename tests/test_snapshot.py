@@ -11,7 +11,7 @@ import torch
 
 from infllm_lite.attention import make_attention_state
 from infllm_lite.errors import InfLLMLiteError
-from infllm_lite.memory_config import MemoryConfig
+from infllm_lite.memory_config import MemoryConfig, memory_estimate
 from infllm_lite.snapshot import load_snapshot, read_header, save_snapshot
 
 MEMORY = MemoryConfig(n_init=4, n_local=32, block_size=8, topk=2, exc_block_size=16,
@@ -45,6 +45,26 @@ def test_round_trip_continues_identically(tiny, tmp_path, mode):
     assert snap.mode == mode and snap.tokens == IDS[0, :200].tolist() and snap.extra == {"note": "hello"}
     assert snap.state.length == 200
     torch.testing.assert_close(_continue(model, snap.state), _continue(model, state), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("n", [64, 1500])
+@pytest.mark.parametrize("mode", ["infllm", "streaming", "full"])
+def test_a_snapshot_is_sized_by_what_it_holds(tiny, tmp_path, mode, n):
+    """Only the slots and blocks in use are written: within 10% (+ 64 KiB of header) of
+    the K/V bytes of the tokens the memory holds, not its static arrays (an InfLLM memory
+    of this model preallocates 4 MiB of slots: a 64-token snapshot was that large)."""
+    model, _ = tiny
+    memory = MemoryConfig.for_model(model.args)  # n_init 128, n_local 256: blocks form by 1500
+    state = make_attention_state(mode, model.args, capacity=n, memory=memory, kernel="torch")
+    with torch.inference_mode():
+        model(IDS.repeat(1, 6)[:, :n], state)
+    path = save_snapshot(tmp_path / "m.snap", state, model=model, mode=mode,
+                         memory=None if mode == "full" else memory, tokens=[0] * n)
+    held = min(n, memory.n_init + memory.n_local - 1) if mode == "streaming" else n
+    kv = held * memory_estimate(model.args, memory, n)["kv_bytes_per_token"]
+    assert path.stat().st_size <= 1.1 * kv + 64 * 1024, (path.stat().st_size, kv)
+    snap = load_snapshot(path, model, kernel="torch", capacity=n + 10)
+    assert snap.state.length == n
 
 
 def test_new_process_continues_identically(tiny, tiny_folder, tmp_path):

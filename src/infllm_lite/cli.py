@@ -9,12 +9,10 @@ import textwrap
 from pathlib import Path
 
 from .cli_support import (MEMORY_OPTIONS, check_numbers, check_options_apply, check_writable_dir, flag,
-                          known_modes, load_from_args, memory_config_from_args,
-                          parse_max_len)  # noqa: F401 (parse_max_len re-exported for tests)
+                          known_modes, load_from_args, memory_config_from_args)
 from .demo import DEMO_LENGTH, DEMO_LENGTH_NOTE, FULL_BUDGET_S
 from .errors import InfLLMLiteError
-from .options import (ATTENTION_KERNELS, ATTENTION_MODES, CACHE_POLICIES, DEFAULT_CHUNK_SIZE,  # noqa: F401
-                      parse_bytes, parse_lengths)
+from .options import ATTENTION_KERNELS, ATTENTION_MODES, CACHE_POLICIES, DEFAULT_CHUNK_SIZE, parse_bytes
 
 DTYPES = ("float32", "bfloat16", "float16")
 EMBEDDED_NATIVE_WINDOW = 8192  # the embedded SmolLM2-135M-Instruct's max_position_embeddings

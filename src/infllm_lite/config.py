@@ -53,11 +53,6 @@ class ModelArgs:
                     f"model config: rope_scaling type {kind!r} is not supported "
                     f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
 
-    @property
-    def kv_bytes_per_token(self) -> int:
-        """Bytes of K and V per token over all layers, at 4 bytes per element (float32)."""
-        return 2 * self.n_layers * self.n_kv_heads * self.head_dim * 4
-
     @classmethod
     def from_hf_config(cls, config: dict[str, Any]) -> "ModelArgs":
         """Build from the dict of an HF ``config.json`` (transformers 4.x and 5.x spellings)."""

@@ -146,13 +146,22 @@ class StreamingLayerAttention(LayerAttention):
         return out.reshape(B, H, T, d).to(q.dtype)
 
 
+    def _held(self) -> tuple[int, int]:
+        """(sink slots, ring slots) in use after ``state.length`` tokens (the ring fills
+        from slot 0 until it wraps)."""
+        n, state = self.state.length, self.state
+        return min(state.n_init, n), min(state.ring_size, max(0, n - state.n_init))
+
     def export(self):
-        return {"k_sink": self.k_sink, "v_sink": self.v_sink, "k_ring": self.k_ring,
-                "v_ring": self.v_ring}, {}
+        """Only the slots in use: a short conversation's snapshot is as small as it."""
+        sinks, ring = self._held()
+        return {"k_sink": self.k_sink[:, :, :sinks], "v_sink": self.v_sink[:, :, :sinks],
+                "k_ring": self.k_ring[:, :, :ring], "v_ring": self.v_ring[:, :, :ring]}, {}
 
     def restore(self, tensors, meta):
-        for name in ("k_sink", "v_sink", "k_ring", "v_ring"):
-            copy_into(getattr(self, name), tensors[name], name)
+        sinks, ring = self._held()
+        for name, used in (("k_sink", sinks), ("v_sink", sinks), ("k_ring", ring), ("v_ring", ring)):
+            copy_into(getattr(self, name)[:, :, :used], tensors[name], name)
 
 
 class StreamingState(AttentionState):

@@ -87,6 +87,12 @@ def _add_memory_options(p: argparse.ArgumentParser) -> None:
                         "(plain, every logit materialised: for debugging)")
 
 
+def _with_paragraphs(sub, name: str, help: str, *paragraphs: str) -> argparse.ArgumentParser:
+    """A subcommand whose description is several paragraphs, each wrapped at 88 columns."""
+    return sub.add_parser(name, help=help, formatter_class=argparse.RawDescriptionHelpFormatter,
+                          description="\n\n".join(textwrap.fill(p, 88) for p in paragraphs))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="infllm-lite",
@@ -130,16 +136,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("out_dir", type=Path, metavar="OUT_DIR",
                    help="the model folder to write (must not exist, or be empty)")
 
-    d = sub.add_parser(
-        "demo", help="long-context demo: find a pass key hidden in a long text",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="\n\n".join(textwrap.fill(paragraph, 88) for paragraph in (
-            "Hide a 5-digit pass key in a long text (InfiniteBench's passkey task), ask the model "
-            "for it with InfLLM's context memory, then show what full attention answers at the "
-            "same length, or why that is skipped (more than 4x the model's native window, or "
-            f"more than {FULL_BUDGET_S // 60} minutes estimated).",
-            f"The default length, {DEMO_LENGTH} tokens, is {DEMO_LENGTH_NOTE}",
-            "--question TEXT gives the short demo instead: one question, the answer streamed.")))
+    d = _with_paragraphs(
+        sub, "demo", "long-context demo: find a pass key hidden in a long text",
+        "Hide a 5-digit pass key in a long text (InfiniteBench's passkey task), ask the model "
+        "for it with InfLLM's context memory, then show what full attention answers at the "
+        "same length, or why that is skipped (more than 4x the model's native window, or "
+        f"more than {FULL_BUDGET_S // 60} minutes estimated).",
+        f"The default length, {DEMO_LENGTH} tokens, is {DEMO_LENGTH_NOTE}",
+        "--question TEXT gives the short demo instead: one question, the answer streamed.")
     d.add_argument("--length", type=int, default=DEMO_LENGTH, metavar="N",
                    help=f"prompt length in tokens (default {DEMO_LENGTH})")
     d.add_argument("--depth", type=float, default=0.5, metavar="F",
@@ -171,17 +175,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_memory_options(ch)
     _add_model_options(ch)
 
-    e = sub.add_parser(
-        "eval", help="evaluate on InfiniteBench / LongBench tasks, generated or official",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="\n\n".join(textwrap.fill(paragraph, 88) for paragraph in (
-            "Answer every sample greedily in each attention mode and score it with the task's "
-            "official metric. passkey, number_string and kv_retrieval are generated here at "
-            "--lengths tokens (needle depths evenly spaced); the other tasks read the official "
-            "jsonl files from --data-dir (or the Hugging Face hub), and a length is then a "
-            "truncation limit.",
-            "Predictions are appended to OUT/predictions.jsonl as they come: run the same "
-            "command again to resume. OUT also gets summary.json, summary.md and PNG plots.")))
+    e = _with_paragraphs(
+        sub, "eval", "evaluate on InfiniteBench / LongBench tasks, generated or official",
+        "Answer every sample greedily in each attention mode and score it with the task's "
+        "official metric. passkey, number_string and kv_retrieval are generated here at "
+        "--lengths tokens (needle depths evenly spaced); the other tasks read the official "
+        "jsonl files from --data-dir (or the Hugging Face hub), and a length is then a "
+        "truncation limit.",
+        "Predictions are appended to OUT/predictions.jsonl as they come: run the same "
+        "command again to resume. OUT also gets summary.json, summary.md and PNG plots.")
     e.add_argument("--task", required=True, metavar="T[,T...]",
                    help="tasks, comma-separated (e.g. passkey,number_string,kv_retrieval,narrativeqa)")
     e.add_argument("--attention", default="infllm,streaming,full", metavar="MODES",

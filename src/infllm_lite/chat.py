@@ -1,14 +1,21 @@
 """``ChatSession``: a conversation whose whole history stays in the attention memory. Each
 turn reads only its new tokens (the chat template's text for the new message, after what
 the memory has already read), then answers; the memory can be saved to a snapshot and
-loaded in another process.
+loaded in another process. Runnable as written (tests/test_readme.py runs it):
 
-    session = ChatSession(model, tokenizer, attention="infllm")
+    from pathlib import Path
+    from infllm_lite import ChatSession, load_model
+    model, tokenizer = load_model()
+    repeat = 200                                      # about 3.5K tokens; README_TEST: 40
+    Path("report.txt").write_text(                    # a stand-in for your long document
+        "The harbour of Brenn freezes every January and the ferries stop for six weeks. " * repeat
+        + "The report concludes that a second pier on the sheltered south shore would keep them running.")
+    session = ChatSession(model, tokenizer, attention="infllm", system="Be brief.", max_new_tokens=40)
     session.read(open("report.txt").read())           # a long document, read once
     print(session.send("What does the report conclude?"))
     session.save("report.snap")
-    later = ChatSession.load("report.snap", model, tokenizer)
-    for piece in later.send("And its first recommendation?", stream=True): print(piece, end="")
+    later = ChatSession.load("report.snap", model, tokenizer, max_new_tokens=40)
+    for piece in later.send("Where should the new pier go?", stream=True): print(piece, end="")
 """
 
 from __future__ import annotations

@@ -102,12 +102,12 @@ def check_layer(quick: bool) -> dict:
 def check_model(quick: bool) -> dict:
     from infllm_lite import GenerationStats, generate_ids, load_model
     from infllm_lite.eval.passkey import make_passkey_sample, score_passkey
-    from infllm_lite.generate import encode_prompt
+    from infllm_lite.generate import encode_prompt, stop_token_ids
 
     model, tok = load_model()
     sample = make_passkey_sample(tok, 8192 if quick else 32768, depth=0.5, seed=0)
     ids = encode_prompt(tok, sample.messages)
-    stops = set(tok.stop_token_ids) | set(model.args.eos_token_ids)
+    stops = stop_token_ids(model, tok)
     answers = {}
     for device in ("cuda", "cpu") if quick else ("cuda",):
         model.to(device)

@@ -28,14 +28,14 @@ from tqdm.auto import tqdm
 from infllm_lite import MemoryConfig, generate_ids, load_model
 from infllm_lite.eval.passkey import make_passkey_sample, score_passkey
 from infllm_lite.eval.runner import depths, sample_seed  # the eval's depths and seeds: the same prompts
-from infllm_lite.generate import encode_prompt
+from infllm_lite.generate import encode_prompt, stop_token_ids
 
 MODES = ("full", "streaming", "infllm")
 
 
 def answer(model, tokenizer, prompt_ids, mode, max_new_tokens, memory):
     """Greedy answer, seconds, and prefill tokens/s (prompt / time to the first new token)."""
-    stop_ids = set(tokenizer.stop_token_ids) | set(model.args.eos_token_ids)
+    stop_ids = stop_token_ids(model, tokenizer)
     start = time.perf_counter()
     first, new_ids = None, []
     for token_id in generate_ids(model, prompt_ids, max_new_tokens=max_new_tokens, attention=mode,

@@ -9,7 +9,7 @@ import torch
 from infllm_lite import GenerationStats, InfLLMLiteError, MemoryConfig, generate, generate_ids
 from infllm_lite.attention import make_attention_state
 from infllm_lite.eval.passkey import make_passkey_sample, score_passkey
-from infllm_lite.generate import encode_prompt
+from infllm_lite.generate import encode_prompt, stop_token_ids
 from infllm_lite.memory_config import n_formed_blocks
 
 SMALL = MemoryConfig(n_init=16, n_local=128, block_size=32, topk=2, repr_topk=4, exc_block_size=64,
@@ -81,7 +81,7 @@ def passkey_16k(smollm):
 
 def _answer_ids(model, tok, sample, memory, stats):
     ids = encode_prompt(tok, sample.messages)
-    stops = set(tok.stop_token_ids) | set(model.args.eos_token_ids)
+    stops = stop_token_ids(model, tok)
     return list(generate_ids(model, ids, attention="infllm", max_new_tokens=12, memory=memory,
                              stop_token_ids=stops, stats=stats))
 

@@ -20,7 +20,7 @@ The queries go in tiles of ``QUERY_TILE`` rows, each with its own window and pre
 the materialised logits (``(B, H, tile, W + F_t + topk·block)``) stay small; one softmax
 runs over the three sets of keys, and the local probabilities summed over the queries
 are every slot's score increment, read off the same tensor. Static shapes, so one
-compiled graph (``flex_joint.compiled_once``) serves every chunk and one every decode step.
+compiled graph (``slots.compiled_once``) serves every chunk and one every decode step.
 """
 
 from __future__ import annotations

@@ -58,20 +58,17 @@ def _add_memory_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group(
         "memory (streaming uses --n-init and --n-local, infllm all; the defaults follow the model's "
         f"native window, given here for SmolLM2's {EMBEDDED_NATIVE_WINDOW} tokens)")
-    g.add_argument("--n-init", type=int, default=None, metavar="N",
-                   help=f"initial (sink) tokens (default: 128, at most half the local window; "
-                        f"SmolLM2: {m.n_init})")
-    g.add_argument("--n-local", type=int, default=None, metavar="N",
-                   help=f"local window in tokens (default: 1/16 of the native window, 256 to 4096; "
-                        f"SmolLM2: {m.n_local})")
-    g.add_argument("--block-size", type=int, default=None, metavar="N",
-                   help=f"tokens per memory block (default {m.block_size})")
-    g.add_argument("--topk", type=int, default=None, metavar="N",
-                   help=f"blocks retrieved per chunk (default: as many blocks as the local window "
-                        f"holds, 2 to 16; SmolLM2: {m.topk})")
-    g.add_argument("--max-cached-blocks", type=int, default=None, metavar="N",
-                   help=f"fast-tier block slots per layer (default: 32, at least --topk; "
-                        f"SmolLM2: {m.max_cached_blocks})")
+    for name, meaning in (
+            ("n-init", f"initial (sink) tokens (default: 128, at most half the local window; "
+                       f"SmolLM2: {m.n_init})"),
+            ("n-local", f"local window in tokens (default: 1/16 of the native window, 256 to 4096; "
+                        f"SmolLM2: {m.n_local})"),
+            ("block-size", f"tokens per memory block (default {m.block_size})"),
+            ("topk", f"blocks retrieved per chunk (default: as many blocks as the local window "
+                     f"holds, 2 to 16; SmolLM2: {m.topk})"),
+            ("max-cached-blocks", f"fast-tier block slots per layer (default: 32, at least --topk; "
+                                  f"SmolLM2: {m.max_cached_blocks})")):
+        g.add_argument(f"--{name}", type=int, default=None, metavar="N", help=meaning)
     g.add_argument("--cache-policy", choices=CACHE_POLICIES, default=None,
                    help=f"which cached block the fast tier evicts (default {m.cache_policy})")
     g.add_argument("--max-host-bytes", type=_size, default=None, metavar="SIZE",

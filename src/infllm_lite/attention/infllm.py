@@ -93,11 +93,13 @@ class InfLLMLayerAttention(LayerAttention):
 
     # ------------------------------------------------------------------ interface
     def attend(self, q, k, v, positions, cos, sin, rope):
+        # every rotation of this memory is the state's own (``state.rope``: the model's
+        # frequencies), so a restored memory rotates its keys exactly as they were stored
         start = self.state.length
         outs = []
         for a in range(0, q.shape[-2], self.cfg.exc_block_size):
             b = min(a + self.cfg.exc_block_size, q.shape[-2])
-            outs.append(self._chunk(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], start + a, start + b, rope))
+            outs.append(self._chunk(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], start + a, start + b))
         return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
 
     def _held(self) -> tuple[int, int]:
@@ -141,10 +143,10 @@ class InfLLMLayerAttention(LayerAttention):
                                   f"layer {n}")
 
     # ------------------------------------------------------------------ one execution chunk
-    def _chunk(self, q, k, v, s: int, e: int, rope: RotaryEmbedding) -> torch.Tensor:
+    def _chunk(self, q, k, v, s: int, e: int) -> torch.Tensor:
         """q: (B, H, T, d), k/v: (B, Hkv, T, d) for positions [s, e). Returns (B, H, T, d)."""
         state, T = self.state, e - s
-        geo = state.geometry(s, e, self.tail_start, rope)
+        geo = state.geometry(s, e, self.tail_start)
         q32 = F.pad(q.float(), (0, 0, 0, geo.padded - T))  # (B, H, Tp, d)
         q_loc = apply_rope(q32, geo.cos, geo.sin)  # true positions
         q_far = apply_rope(q32, state.cos_far, state.sin_far)  # the one far angle
@@ -276,13 +278,15 @@ class InfLLMState(AttentionState):
         self.device = torch.device(device)
         self.kernel = make_kernel(kernel, self.device)
         self.layout = SlotLayout.build(config, batch_size=batch_size, group=args.n_heads // args.n_kv_heads)
-        self.rope = RotaryEmbedding(args).to(self.device)  # the model's rotation, for restored keys
+        # the memory's one rotation (the model's frequencies): chunks and restored keys alike
+        self.rope = RotaryEmbedding(args).to(self.device)
+        far = torch.tensor([config.n_local - 1], device=self.device)
+        self.cos_far, self.sin_far = self.rope(far, torch.float32)  # (1, d): the one far angle
         self.length = 0
         self.record = False
         self.host_bytes_per_layer = (None if config.max_host_bytes is None
                                      else max(1, config.max_host_bytes // args.n_layers))
         self._geometry_key, self._geometry = None, None
-        self.cos_far, self.sin_far = None, None
         self.layers = [InfLLMLayerAttention(self, args) for _ in range(args.n_layers)]
 
     def stats(self) -> PoolStats:
@@ -296,14 +300,11 @@ class InfLLMState(AttentionState):
             layer.pool.close()
         super().close()
 
-    def geometry(self, s: int, e: int, tail_start: int, rope: RotaryEmbedding) -> ChunkGeometry:
+    def geometry(self, s: int, e: int, tail_start: int) -> ChunkGeometry:
         """The kernel's geometry of the chunk [s, e): identical in every layer, so built
         once per chunk."""
         key = (s, e, tail_start, self.kernel)
         if self._geometry_key != key:
-            if self.cos_far is None:
-                far = torch.tensor([self.config.n_local - 1], device=self.device)
-                self.cos_far, self.sin_far = rope(far, torch.float32)
-            self._geometry = self.kernel.geometry(self.layout, s, e, tail_start, rope, self.device)
+            self._geometry = self.kernel.geometry(self.layout, s, e, tail_start, self.rope, self.device)
             self._geometry_key = key
         return self._geometry

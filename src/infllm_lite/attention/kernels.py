@@ -179,9 +179,10 @@ def make_kernel(kernel: "str | InfLLMKernel", device: torch.device | str) -> Inf
     if isinstance(kernel, InfLLMKernel):
         return kernel
     check_choice(kernel, ATTENTION_KERNELS, "attention kernel")
-    cuda = torch.device(device).type == "cuda"
+    kind = torch.device(device).type
+    cuda = kind == "cuda"
     if kernel == "auto":
-        kernel = "flex" if torch.device(device).type != "cpu" else "window"
+        kernel = "window" if kind == "cpu" else "flex"
     makers = {"window": lambda: WindowKernel(compiled=True),
               "window-eager": lambda: WindowKernel(compiled=False),
               "flex": lambda: FlexKernel(compiled=True, triton_scores=cuda),

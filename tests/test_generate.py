@@ -8,8 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from infllm_lite import InfLLMLiteError, MemoryConfig, generate, generate_ids
-from infllm_lite.generate import (_StopStrings, continue_ids, encode_prompt, read_ids, stop_token_ids,
+from infllm_lite.generate import (continue_ids, encode_prompt, read_ids, stop_token_ids,
                                   stream_text)
+from infllm_lite.text_stream import StopStrings
 from infllm_lite.memory_config import n_formed_blocks
 from infllm_lite.sampling import sample
 
@@ -67,7 +68,7 @@ def test_stop_strings_property(text, stops, cuts):
     """Any split of any text into pieces: the output is the text up to the earliest stop."""
     bounds = sorted({0, len(text), *[c for c in cuts if c <= len(text)]})
     pieces = [text[a:b] for a, b in zip(bounds, bounds[1:])]
-    cutter, out, hit = _StopStrings(stops), "", False
+    cutter, out, hit = StopStrings(stops), "", False
     for piece in pieces:
         shown, hit = cutter.push(piece)
         out += shown

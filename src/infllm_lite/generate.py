@@ -10,34 +10,16 @@ import torch
 from tqdm.auto import tqdm
 
 from .attention import make_attention_state
+from .batch_generate import generate_batch
 from .errors import InfLLMLiteError
 from .memory_config import MemoryConfig
 from .models.transformer import Transformer
 from .options import DEFAULT_CHUNK_SIZE
+from .prompts import encode_prompt, is_prompt_list, stop_token_ids
 from .sampling import check_sampling, sample
 from .stats import GenerationStats
+from .text_stream import stream_text
 from .tokenizer import Tokenizer
-
-
-def encode_prompt(tokenizer: Tokenizer, prompt: str | Sequence[dict] | Sequence[int]) -> list[int]:
-    """A string is encoded as is (with the tokenizer's special tokens, e.g. BOS); a list of
-    chat messages goes through the checkpoint's chat template; token ids are used as given."""
-    if isinstance(prompt, str):
-        if not prompt.strip():
-            raise InfLLMLiteError("the prompt is empty")
-        return tokenizer.encode(prompt)
-    if not prompt:
-        raise InfLLMLiteError("the prompt is empty (no chat messages)")
-    if all(isinstance(t, int) for t in prompt):
-        return list(prompt)
-    text = tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True)
-    return tokenizer.encode(text, add_special_tokens=False)
-
-
-def stop_token_ids(model: Transformer, tokenizer: Tokenizer) -> set[int]:
-    """The ids that end an answer: the tokenizer's (EOS, the template's end of turn) and
-    the model config's EOS ids."""
-    return set(tokenizer.stop_token_ids) | set(model.args.eos_token_ids)
 
 
 def generate_ids(model: Transformer, prompt_ids: Sequence[int], *, max_new_tokens: int = 256,
@@ -173,56 +155,14 @@ def _run(model, state, ids, max_new_tokens, stop_token_ids, chunk_size, compile,
             stats.decode_seconds += _clock(ids.device) - t1
 
 
-class _StopStrings:
-    """Cuts generated text at the first stop string; holds back what may start one."""
-
-    def __init__(self, stop: Sequence[str]):
-        self.stop = [s for s in stop if s]
-        self.hold = max((len(s) for s in self.stop), default=1) - 1
-        self.text = ""
-        self.emitted = 0
-
-    def push(self, piece: str) -> tuple[str, bool]:
-        """Add decoded text; return (text now safe to show, whether a stop string was hit)."""
-        search_from = max(0, len(self.text) - self.hold)
-        self.text += piece
-        hits = [i for i in (self.text.find(s, search_from) for s in self.stop) if i >= 0]
-        if hits:
-            out, self.emitted = self.text[self.emitted:min(hits)], len(self.text)
-            return out, True
-        safe_end = max(self.emitted, len(self.text) - self.hold)
-        out, self.emitted = self.text[self.emitted:safe_end], safe_end
-        return out, False
-
-    def flush(self) -> str:
-        out, self.emitted = self.text[self.emitted:], len(self.text)
-        return out
-
-
-def stream_text(tokenizer: Tokenizer, token_ids: Iterator[int], stop: Sequence[str] = ()) -> Iterator[str]:
-    """Text pieces of ``token_ids`` as they become final (never half a UTF-8 character,
-    special tokens skipped), cut before the first ``stop`` string; stops pulling tokens there."""
-    decoder = tokenizer.incremental_decoder(skip_special_tokens=True)
-    cutter = _StopStrings(stop)
-    for token_id in token_ids:
-        piece, hit = cutter.push(decoder.add(token_id))
-        if piece:
-            yield piece
-        if hit:
-            return
-    piece, hit = cutter.push(decoder.flush())
-    rest = piece if hit else piece + cutter.flush()
-    if rest:
-        yield rest
-
-
 def generate(model: Transformer, tokenizer: Tokenizer, prompt: str | Sequence[dict] | Sequence[int], *,
              max_new_tokens: int = 256, attention: str = "full", temperature: float = 0.0,
              top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
              stop: str | Sequence[str] | None = None, stream: bool = False,
              memory: MemoryConfig | None = None, chunk_size: int | None = None,
              compile: bool = False, progress: bool = False, attention_kernel: str = "auto",
-             return_stats: bool = False):
+             return_stats: bool = False, memory_budget: int | None = None,
+             max_sequences: int | None = None, step_tokens: int | None = None):
     """Continue ``prompt``: a string, chat messages (rendered with the chat template) or
     token ids.
 
@@ -233,7 +173,29 @@ def generate(model: Transformer, tokenizer: Tokenizer, prompt: str | Sequence[di
     last two; ``attention_kernel`` is as in :func:`generate_ids`. With ``return_stats=True``
     the result is a pair ``(text or iterator, GenerationStats)``; when streaming, the stats
     are complete once the iterator is exhausted.
+
+    A **list of prompts** runs through one continuous-batching engine
+    (:mod:`infllm_lite.engine`): the result is a list of texts in the prompts' order, or
+    with ``stream=True`` an iterator of ``(index, piece)`` pairs; ``return_stats`` gives a
+    :class:`~infllm_lite.batch_generate.BatchStats` (each sequence's stats and the
+    engine's). Greedy or seeded, each text equals that prompt's own ``generate``. It also
+    takes ``memory_budget`` (bytes of attention memory admitted at once),
+    ``max_sequences`` and ``step_tokens`` (see :class:`~infllm_lite.engine.Engine`).
     """
+    if is_prompt_list(prompt):
+        if compile:
+            raise InfLLMLiteError("compile=True applies to a single prompt")
+        return generate_batch(model, tokenizer, prompt, max_new_tokens=max_new_tokens, attention=attention,
+                              temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                              stop=[stop] if isinstance(stop, str) else list(stop or []), stream=stream,
+                              memory=memory, chunk_size=chunk_size, progress=progress,
+                              attention_kernel=attention_kernel, return_stats=return_stats,
+                              memory_budget=memory_budget, max_sequences=max_sequences,
+                              step_tokens=step_tokens)
+    batch_only = [name for name, value in (("memory_budget", memory_budget), ("max_sequences", max_sequences),
+                                           ("step_tokens", step_tokens)) if value is not None]
+    if batch_only:
+        raise InfLLMLiteError(f"{', '.join(batch_only)} apply to a list of prompts only")
     prompt_ids = encode_prompt(tokenizer, prompt)
     stats = GenerationStats()
     stops = [stop] if isinstance(stop, str) else list(stop or [])

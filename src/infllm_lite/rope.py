@@ -41,15 +41,16 @@ def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """Gives (cos, sin) of shape (T, head_dim) for a tensor of T positions."""
+    """Gives (cos, sin) of shape (..., head_dim) for positions of any shape (..., ): (T,)
+    for one sequence, (B, T) for sequences at different positions."""
 
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        angles = positions.float()[:, None] * self.inv_freq[None, :]  # (T, d/2), float32
-        emb = torch.cat((angles, angles), dim=-1)  # (T, d)
+        angles = positions.float()[..., None] * self.inv_freq  # (..., d/2), float32
+        emb = torch.cat((angles, angles), dim=-1)  # (..., d)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
 

@@ -1,0 +1,50 @@
+"""Sequences at different lengths, each with its own attention memory, presented to the
+model as one batch: the projections, MLP, norms and LM head run once over the batch
+(one ``(B, 1, dim)`` pass), and each layer's attention goes to each sequence's memory.
+
+A :class:`RaggedBatch` is an :class:`~.base.AttentionState` look-alike for one model step:
+``positions`` are (B, T), one row per sequence, and layer ``i``'s ``attend`` hands row
+``b`` of its queries, keys and values (with row ``b``'s positions and angles) to
+sequence ``b``'s own layer ``i``. The memories may be of any mode and configuration, at
+any lengths, with any number of blocks.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .base import AttentionState, LayerAttention
+
+
+class RaggedLayer(LayerAttention):
+    """Layer ``index`` of every sequence in the batch."""
+
+    def __init__(self, batch: "RaggedBatch", index: int):
+        self.state, self.index = batch, index
+
+    def attend(self, q, k, v, positions, cos, sin, rope):
+        """q: (B, H, T, d), k/v: (B, Hkv, T, d), positions: (B, T), cos/sin: (B, T, d)."""
+        outs = [state.layers[self.index].attend(q[b:b + 1], k[b:b + 1], v[b:b + 1], positions[b],
+                                                cos[b], sin[b], rope)
+                for b, state in enumerate(self.state.states)]  # each (1, H, T, d)
+        return torch.cat(outs, dim=0)
+
+
+class RaggedBatch:
+    """One step over the memories ``states`` (each of batch size 1), the same number of
+    new tokens for each: ``model.step(ids, batch.positions(T), batch)`` then
+    ``batch.advance(T)``."""
+
+    def __init__(self, states: Sequence[AttentionState], n_layers: int):
+        self.states = list(states)
+        self.layers = [RaggedLayer(self, i) for i in range(n_layers)]
+
+    def positions(self, n_tokens: int) -> torch.Tensor:
+        """(B, n_tokens): each sequence's next positions."""
+        return torch.stack([state.positions(n_tokens) for state in self.states])
+
+    def advance(self, n_tokens: int) -> None:
+        for state in self.states:
+            state.advance(n_tokens)

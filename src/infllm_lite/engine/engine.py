@@ -1,0 +1,312 @@
+"""The continuous-batching engine: many sequences, each with its own attention memory,
+decoded together.
+
+Each :meth:`Engine.step`:
+
+1. admits waiting requests in arrival order while their predicted memory
+   (:func:`~infllm_lite.attention.footprint.state_bytes`) fits the budget, each into a
+   fresh memory of its own mode and configuration;
+2. prefills: the admitted prompts' next chunks, one batch-1 model call each, within the
+   step's token budget (``step_tokens`` minus the decode tokens), so a long prompt never
+   stalls the sequences already decoding. Chunks end where batch-1 ``generate``'s
+   execution chunks end (multiples of ``exc_block_size`` for ``infllm``, within calls of
+   ``chunk_size``), so every sequence reads its prompt exactly as it would alone;
+3. decodes: one token for every sequence whose prompt is read (its last prompt token, or
+   the token it sampled last) in **one** model call, the projections, MLP, norms and LM
+   head batched (``(B, 1, dim)``), attention per sequence (:class:`~infllm_lite.attention.ragged.RaggedBatch`);
+4. samples each sequence with its own generator and applies its stop rules; a finished
+   or cancelled sequence closes its memory at once (host slots, disk files) and gives its
+   budget back.
+
+Submission and cancellation are thread-safe (a server thread may submit while another
+steps); steps run one at a time.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from ..attention import make_attention_state, make_kernel
+from ..attention.footprint import state_bytes
+from ..attention.ragged import RaggedBatch
+from ..errors import InfLLMLiteError
+from ..memory_config import MemoryConfig
+from ..options import DEFAULT_CHUNK_SIZE
+from ..prompts import stop_token_ids as prompt_stop_ids
+from ..sampling import sample
+from ..text_stream import TextStream
+from .request import Request
+from .sequence import DECODE, FINISHED, PREFILL, Event, Sequence
+
+DEFAULT_STEP_TOKENS = 512  # tokens per step (decode + prefill): a 2K prompt is read in 4 steps
+
+
+@dataclass
+class EngineStats:
+    """Counters over the engine's life: steps, tokens and seconds per phase, the most
+    sequences decoded in one step."""
+
+    steps: int = 0
+    prefill_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_tokens: int = 0  # tokens sampled in decode steps
+    decode_seconds: float = 0.0
+    max_batch: int = 0
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        return self.decode_tokens / self.decode_seconds if self.decode_seconds else 0.0
+
+
+def _cut(fed: int, body: int, budget: int, unit: int, chunk: int) -> int:
+    """Where the next prefill call of a prompt at ``fed`` (of ``body`` tokens) ends: as far
+    as ``budget`` allows on a boundary of batch-1 prefill's execution chunks (calls of
+    ``chunk`` tokens cut every ``unit`` queries), at least one such chunk."""
+    c0 = (fed // chunk) * chunk
+    c_end = min(c0 + chunk, body)  # the batch-1 call holding ``fed`` ends here
+    limit = min(c_end, fed + max(budget, 0))
+    cut = limit if limit == c_end else c0 + ((limit - c0) // unit) * unit
+    if cut <= fed:  # the budget is spent: one execution chunk anyway, so everyone progresses
+        cut = min(c0 + ((fed - c0) // unit + 1) * unit, c_end)
+    return cut
+
+
+class Engine:
+    """Serves many requests at once on ``model`` (see the module's docstring).
+
+    ``tokenizer`` (optional) gives each sequence its text and stop strings, and the
+    default stop tokens; ``memory_budget`` (bytes, None: unlimited) bounds the attention
+    memory of the admitted sequences; ``max_sequences`` how many run at once;
+    ``step_tokens`` the tokens one step processes (decode tokens first, prompt chunks in
+    what is left); ``attention_kernel`` computes ``infllm`` (resolved once).
+    """
+
+    def __init__(self, model, tokenizer=None, *, memory_budget: int | None = None,
+                 max_sequences: int | None = None, step_tokens: int = DEFAULT_STEP_TOKENS,
+                 attention_kernel="auto", stop_token_ids: set[int] | None = None):
+        for name, value in (("memory_budget", memory_budget), ("max_sequences", max_sequences),
+                            ("step_tokens", step_tokens)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise InfLLMLiteError(f"{name} must be a positive integer, got {value!r}")
+        self.model, self.tokenizer = model, tokenizer
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.memory_budget, self.max_sequences, self.step_tokens = memory_budget, max_sequences, step_tokens
+        self.kernel = make_kernel(attention_kernel, self.device)
+        if stop_token_ids is None:
+            stop_token_ids = (set(model.args.eos_token_ids) if tokenizer is None
+                              else prompt_stop_ids(model, tokenizer))
+        self.stop_token_ids = frozenset(stop_token_ids)
+        self.stats = EngineStats()
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # admitted, in admission order
+        self.sequences: dict[int, Sequence] = {}  # every sequence not yet collected
+        self.reserved = 0  # predicted bytes of the running sequences' memories
+        self._next_id = 0
+        self._lock = threading.Lock()  # the queues (submit / cancel against a step)
+        self._step_lock = threading.Lock()  # one step at a time
+        self._cancels: set[int] = set()
+        self._events: list[Event] = []  # cancellations outside a step, reported by the next
+
+    # ------------------------------------------------------------------ requests
+    def predicted_bytes(self, request: Request) -> int:
+        """The memory ``request`` will hold at its longest (prompt + max_new_tokens)."""
+        return state_bytes(request.attention, self.model.args, len(request.prompt_ids) + request.max_new_tokens,
+                           request.memory, self.dtype)
+
+    def submit(self, request: Request) -> int:
+        """Queue ``request``; returns its sequence id. Bad input, or a memory larger than
+        the whole budget, is refused here (``InfLLMLiteError``), before any work."""
+        if not isinstance(request, Request):
+            raise InfLLMLiteError(f"submit takes a Request, got {type(request).__name__}")
+        request.check(self.model.args.vocab_size)
+        memory = request.memory
+        if request.attention != "full" and memory is None:
+            memory = MemoryConfig.for_model(self.model.args)
+        needed = self.predicted_bytes(request)
+        if self.memory_budget is not None and needed > self.memory_budget:
+            raise InfLLMLiteError(
+                f"this request needs {needed / 2**20:.1f} MiB of attention memory "
+                f"({request.attention}, {len(request.prompt_ids)} prompt + {request.max_new_tokens} "
+                f"new tokens), more than the engine's whole budget of {self.memory_budget / 2**20:.1f} MiB")
+        if request.stop and self.tokenizer is None:
+            raise InfLLMLiteError("stop strings need an engine with a tokenizer")
+        stop_ids = self.stop_token_ids if request.stop_token_ids is None else frozenset(request.stop_token_ids)
+        text = TextStream(self.tokenizer, request.stop) if self.tokenizer is not None else None
+        with self._lock:
+            seq = Sequence(self._next_id, request, memory, needed, stop_ids, text, self.device)
+            self._next_id += 1
+            self.sequences[seq.id] = seq
+            self.waiting.append(seq)
+        return seq.id
+
+    def cancel(self, seq_id: int) -> bool:
+        """Stop a sequence (waiting or running); its memory is freed now, or at the end of
+        the step in progress. False if it is unknown or already finished."""
+        with self._lock:
+            seq = self.sequences.get(seq_id)
+            if seq is None or seq.status == FINISHED:
+                return False
+            self._cancels.add(seq_id)
+        if self._step_lock.acquire(blocking=False):
+            try:
+                self._events.extend(self._apply_cancels())
+            finally:
+                self._step_lock.release()
+        return True
+
+    def pop(self, seq_id: int) -> Sequence:
+        """Forget a finished sequence and return it (its tokens, text, stats)."""
+        with self._lock:
+            seq = self.sequences[seq_id]
+            if seq.status != FINISHED:
+                raise InfLLMLiteError(f"sequence {seq_id} has not finished")
+            return self.sequences.pop(seq_id)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running or self._events)
+
+    def close(self) -> None:
+        """Cancel everything and free every memory."""
+        for seq_id in list(self.sequences):
+            self.cancel(seq_id)
+
+    # ------------------------------------------------------------------ steps
+    def events(self) -> Iterator[Event]:
+        """Step until no work is left, yielding every event."""
+        while self.has_work:
+            yield from self.step()
+
+    def step(self) -> list[Event]:
+        """One step of every running sequence (see the module's docstring)."""
+        with self._step_lock:
+            events, self._events = self._events, []
+            events.extend(self._apply_cancels())
+            self._admit()
+            with torch.inference_mode():
+                self._prefill()
+                ready = [s for s in self.running if s.fed == s.body]
+                if ready:
+                    events.extend(self._decode(ready))
+            events.extend(self._apply_cancels())
+            self.stats.steps += 1
+            return events
+
+    def _admit(self) -> None:
+        while self.waiting and (self.max_sequences is None or len(self.running) < self.max_sequences):
+            seq = self.waiting[0]
+            if self.memory_budget is not None and self.reserved + seq.reserved > self.memory_budget:
+                return  # it waits (arrival order: nobody overtakes it)
+            req = seq.request
+            seq.state = make_attention_state(
+                req.attention, self.model.args, capacity=len(seq.prompt) + req.max_new_tokens,
+                memory=seq.memory, dtype=self.dtype, device=self.device, kernel=self.kernel)
+            with self._lock:
+                self.waiting.popleft()
+                self.running.append(seq)
+            self.reserved += seq.reserved
+            seq.status = PREFILL if seq.body else DECODE
+            seq.next_input = seq.prompt[-1]
+            seq.admitted = time.perf_counter()
+            seq.stats.queued_seconds = seq.admitted - seq.submitted
+
+    def _prefill(self) -> None:
+        budget = self.step_tokens - sum(s.status == DECODE for s in self.running)
+        first = True
+        for seq in self.running:
+            if seq.status != PREFILL:
+                continue
+            if budget <= 0 and not first:
+                break
+            memory = seq.memory
+            unit = memory.exc_block_size if seq.request.attention == "infllm" else 1
+            chunk = seq.request.chunk_size or (memory.chunk_size if memory is not None else DEFAULT_CHUNK_SIZE)
+            cut = _cut(seq.fed, seq.body, budget, unit, chunk)
+            t0 = _clock(self.device)
+            ids = torch.tensor([seq.prompt[seq.fed:cut]], dtype=torch.long, device=self.device)  # (1, n)
+            self.model(ids, seq.state, last_only=True)
+            seconds = _clock(self.device) - t0
+            seq.stats.prefill_seconds += seconds
+            self.stats.prefill_seconds += seconds
+            self.stats.prefill_tokens += cut - seq.fed
+            budget -= cut - seq.fed
+            seq.fed, first = cut, False
+            if seq.fed == seq.body:
+                seq.status = DECODE
+
+    def _decode(self, seqs: list[Sequence]) -> list[Event]:
+        t0 = _clock(self.device)
+        ids = torch.tensor([[s.next_input] for s in seqs], dtype=torch.long, device=self.device)  # (B, 1)
+        if len(seqs) == 1:
+            logits = self.model(ids, seqs[0].state)  # (1, 1, vocab): exactly batch-1's step
+        else:
+            batch = RaggedBatch([s.state for s in seqs], self.model.args.n_layers)
+            logits = self.model.step(ids, batch.positions(1), batch)  # (B, 1, vocab)
+            batch.advance(1)
+        events = [self._sampled(seq, logits[b:b + 1, -1]) for b, seq in enumerate(seqs)]
+        seconds = _clock(self.device) - t0
+        self.stats.decode_seconds += seconds
+        self.stats.decode_tokens += len(seqs)
+        self.stats.max_batch = max(self.stats.max_batch, len(seqs))
+        return events
+
+    def _sampled(self, seq: Sequence, logits: torch.Tensor) -> Event:
+        """Sample ``seq``'s next token from logits (1, vocab) and apply its stop rules."""
+        now = time.perf_counter()
+        if not seq.token_ids:  # this step read the prompt's last token
+            seq.first_token = now
+            seq.stats.first_token_seconds = now - seq.submitted
+            seq.stats.prefill_seconds = now - seq.admitted
+            seq.stats.prefill_memory = seq.state.stats()
+        else:
+            seq.stats.decode_seconds = now - seq.first_token
+        token_id = int(sample(logits, **seq.sampling()))
+        if token_id in seq.stop_ids:
+            return self._finish(seq, "stop")
+        seq.token_ids.append(token_id)
+        seq.stats.new_tokens += 1
+        piece, hit = seq.text.add(token_id) if seq.text is not None else ("", False)
+        if len(seq.token_ids) == seq.request.max_new_tokens or hit:
+            return self._finish(seq, "stop" if hit else "length", token_id, piece)
+        seq.pieces.append(piece)
+        seq.next_input = token_id
+        return Event(seq.id, token_id, piece)
+
+    def _finish(self, seq: Sequence, reason: str, token_id: int | None = None, piece: str = "") -> Event:
+        """End ``seq``: its last text, its memory closed and its budget given back."""
+        if seq.text is not None and reason != "cancelled":
+            piece += seq.text.finish()
+        seq.pieces.append(piece)
+        seq.finish_reason = seq.stats.finish_reason = reason
+        seq.stats.total_seconds = time.perf_counter() - seq.submitted
+        if seq.state is not None:
+            seq.stats.memory = seq.state.stats()
+            seq.state.close()
+            seq.state = None
+            self.reserved -= seq.reserved
+        with self._lock:
+            if seq in self.running:
+                self.running.remove(seq)
+            elif seq in self.waiting:
+                self.waiting.remove(seq)
+        seq.status = FINISHED
+        return Event(seq.id, token_id, piece, reason)
+
+    def _apply_cancels(self) -> list[Event]:
+        with self._lock:
+            cancels, self._cancels = self._cancels, set()
+        return [self._finish(self.sequences[i], "cancelled") for i in sorted(cancels)
+                if self.sequences[i].status != FINISHED]
+
+
+def _clock(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()

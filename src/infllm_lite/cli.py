@@ -4,6 +4,7 @@ thin commands; the demo lives in ``demo.py``, eval's body in ``eval/command.py``
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import textwrap
 from pathlib import Path
@@ -12,7 +13,9 @@ from .cli_support import (MEMORY_OPTIONS, check_numbers, check_options_apply, ch
                           known_modes, load_from_args, memory_config_from_args)
 from .demo import DEMO_LENGTH, DEMO_LENGTH_NOTE, FULL_BUDGET_S
 from .errors import InfLLMLiteError
+from .eval.files import write_atomic
 from .options import ATTENTION_KERNELS, ATTENTION_MODES, CACHE_POLICIES, DEFAULT_CHUNK_SIZE, parse_bytes
+from .prompt_files import PromptEntry, read_prompt_file, read_prompts_jsonl, read_text_file
 
 DTYPES = ("float32", "bfloat16", "float16")
 EMBEDDED_NATIVE_WINDOW = 8192  # the embedded SmolLM2-135M-Instruct's max_position_embeddings
@@ -84,6 +87,32 @@ def _add_memory_options(p: argparse.ArgumentParser) -> None:
                         "(plain, every logit materialised: for debugging)")
 
 
+class _PromptOption(argparse.Action):
+    """--prompt, --prompt-file, --prompts-jsonl: each appends (its kind, its value) to
+    ``args.prompts``, so the prompts keep the command line's order."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, [*(getattr(namespace, self.dest) or []), (self.const, values)])
+
+
+def _add_batch_options(p: argparse.ArgumentParser) -> None:
+    from .engine import DEFAULT_STEP_TOKENS
+    b = p.add_argument_group("batch (several prompts, --prompts-jsonl or --output: one "
+                             "continuous-batching engine)")
+    b.add_argument("--output", metavar="FILE.jsonl", type=Path, default=None,
+                   help="write one JSON line per prompt, in input order: id, index, text, "
+                        "finish_reason, stats (the file written whole at the end; its folder must "
+                        "exist; default: the answers on stdout)")
+    b.add_argument("--memory-budget", type=_size, default=None, metavar="SIZE",
+                   help="attention memory of the sequences running at once (e.g. 4GiB); a prompt "
+                        "waits, in arrival order, until its predicted memory fits (default: unlimited)")
+    b.add_argument("--max-sequences", type=int, default=None, metavar="N",
+                   help="sequences running at once at most (default: unlimited)")
+    b.add_argument("--step-tokens", type=int, default=None, metavar="N",
+                   help="tokens per engine step: one per decoding sequence, prompt chunks in the "
+                        f"rest (default {DEFAULT_STEP_TOKENS})")
+
+
 def _with_paragraphs(sub, name: str, help: str, *paragraphs: str) -> argparse.ArgumentParser:
     """A subcommand whose description is several paragraphs, each wrapped at 88 columns."""
     return sub.add_parser(name, help=help, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -96,15 +125,29 @@ def build_parser() -> argparse.ArgumentParser:
         description="Long-context inference with InfLLM context memory, in plain PyTorch.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    g = sub.add_parser("generate", help="continue a prompt (or answer it with --chat)",
-                       description="Generate text from a prompt and stream it to stdout.")
-    src = g.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt", metavar="TEXT", help="the prompt text (this or --prompt-file)")
-    src.add_argument("--prompt-file", metavar="FILE", type=Path, help="read the prompt from a UTF-8 file")
+    g = _with_paragraphs(
+        sub, "generate", "continue a prompt (or answer it with --chat), or many at once",
+        "Generate text from a prompt and stream it to stdout.",
+        "Every --prompt, --prompt-file and line of a --prompts-jsonl file is a prompt, in the "
+        "order given (the options repeat and mix). One prompt (a --prompt or a --prompt-file) "
+        "streams its answer alone. Several prompts, a --prompts-jsonl file or --output run "
+        "together through one continuous-batching engine (the batch options below); each "
+        "answer is printed under a header line '==> NAME <==' in input order (NAME: the "
+        "jsonl id, the prompt file, else 'prompt INDEX', counted from 0), or written to "
+        "--output. Greedy or seeded, each answer is the one its prompt gets alone.")
+    g.add_argument("--prompt", metavar="TEXT", dest="prompts", action=_PromptOption, const="text",
+                   help="a prompt (repeatable; default: none)")
+    g.add_argument("--prompt-file", metavar="FILE", dest="prompts", action=_PromptOption, const="file",
+                   type=Path, help="a UTF-8 file holding one prompt (repeatable; default: none)")
+    g.add_argument("--prompts-jsonl", metavar="FILE", dest="prompts", action=_PromptOption,
+                   const="jsonl", type=Path,
+                   help='one prompt per line: {"prompt": TEXT} or {"messages": [{"role": ..., '
+                        '"content": ...}, ...]} (a whole conversation, as given), optionally with '
+                        'an "id" naming it in the output (repeatable; default: none)')
     g.add_argument("--chat", action="store_true",
-                   help="send the prompt as a user message through the model's chat template")
+                   help="send each prompt as a user message through the model's chat template")
     g.add_argument("--system", metavar="TEXT", default=None,
-                   help="system message (with --chat; default: none)")
+                   help="system message before each text prompt (with --chat; default: none)")
     _add_model_options(g)
     _add_sampling_options(g, 256, "a raw continuation rarely ends by itself, so the cap is what "
                              "stops it; chat's default is 512, a safety cap on answers that end at "
@@ -121,10 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the text as it is generated (the default), or all of it at the end")
     _add_memory_options(g)
     g.add_argument("--compile", action="store_true",
-                   help="compile the whole decode step with torch.compile (full attention only; "
-                        "about a minute the first time)")
+                   help="compile the whole decode step with torch.compile (full attention and "
+                        "one prompt only; about a minute the first time)")
     g.add_argument("--stats", action="store_true",
-                   help="print speed and memory-tier counters to stderr when done")
+                   help="print speed and memory-tier counters to stderr when done (a batch: the "
+                        "engine's summary line)")
+    _add_batch_options(g)
 
     c = sub.add_parser("convert", help="convert a GGUF file into a Hugging Face model folder",
                        description="Dequantize a GGUF checkpoint into config.json, model.safetensors "
@@ -211,23 +256,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _read_prompt(args) -> str:
-    if args.prompt is not None:
-        return args.prompt
-    return _read_text(args.prompt_file, "prompt file")
-
-
-def _read_text(path: Path, what: str) -> str:
-    if path.is_dir():
-        raise InfLLMLiteError(f"{what} {path} is a directory, not a file")
-    if not path.is_file():
-        raise InfLLMLiteError(f"{what} {path} does not exist")
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise InfLLMLiteError(f"{what} {path} is not UTF-8 text (byte {e.start})") from e
-
-
 def _check_memory_args(args, modes: list[str]) -> None:
     """Before any work: the options given apply to ``modes``, the offload folder is writable;
     then --attention-kernel gets its default."""
@@ -235,6 +263,64 @@ def _check_memory_args(args, modes: list[str]) -> None:
     if args.offload_dir is not None:
         check_writable_dir(args.offload_dir, "--offload-dir", create=False)
     args.attention_kernel = args.attention_kernel or "auto"
+
+
+BATCH_ONLY = ("memory_budget", "max_sequences", "step_tokens")
+
+
+def _read_prompts(args) -> list[PromptEntry]:
+    """Every prompt of the command line, in its order, each file read and checked."""
+    if not args.prompts:
+        raise InfLLMLiteError("no prompt: give --prompt TEXT, --prompt-file FILE or --prompts-jsonl FILE")
+    entries = []
+    for kind, value in args.prompts:
+        if kind == "text":
+            if not value.strip():
+                raise InfLLMLiteError("the prompt is empty" if len(args.prompts) == 1
+                                      else f"prompt {len(entries)} (a --prompt) is empty")
+            entries.append(PromptEntry(text=value))
+        elif kind == "file":
+            entries.append(read_prompt_file(value))
+        else:
+            entries.extend(read_prompts_jsonl(value))
+    return entries
+
+
+def _is_batch(args, entries: list[PromptEntry]) -> bool:
+    return len(entries) > 1 or args.output is not None or any(k == "jsonl" for k, _ in args.prompts)
+
+
+def _check_batch_args(args, entries: list[PromptEntry]) -> None:
+    """Before the model loads: the batch options only with a batch, --compile only without,
+    and --output a file that can be written and is none of the inputs."""
+    if not _is_batch(args, entries):
+        for dest in BATCH_ONLY:
+            if getattr(args, dest) is not None:
+                raise InfLLMLiteError(f"{flag(dest)} applies to a batch only: several prompts, "
+                                      "--prompts-jsonl or --output (here: one prompt)")
+        return
+    if args.compile:
+        raise InfLLMLiteError(f"--compile applies to a single prompt (here: a batch of {len(entries)})")
+    out = args.output
+    if out is None:
+        return
+    if out.is_dir():
+        raise InfLLMLiteError(f"--output {out} is a folder, not a file")
+    check_writable_dir(out.parent, "--output", create=False)
+    for kind, value in args.prompts:
+        if kind != "text" and value.resolve() == out.resolve():
+            raise InfLLMLiteError(f"--output {out} is also an input (--prompt-file or --prompts-jsonl)")
+
+
+def _as_prompt(entry: PromptEntry, args):
+    """What ``generate`` is given for ``entry``: its conversation, its text, or with --chat
+    its text as the user's message (after --system)."""
+    if entry.messages is not None:
+        return list(entry.messages)
+    if not args.chat:
+        return entry.text
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    return messages + [{"role": "user", "content": entry.text}]
 
 
 def _stream_to_stdout(pieces) -> int:
@@ -247,25 +333,90 @@ def _stream_to_stdout(pieces) -> int:
     return n_chars
 
 
+def _print_in_order(pieces, labels: list[str], stats) -> None:
+    """Each answer under its header, in input order: the first unfinished answer streams as
+    it comes, later ones are held until it ends. ``pieces``: (index, text) pairs. An answer
+    has ended once its sequence has finished and a later engine step is being reported (a
+    step's pieces come together: the one that finished it may follow another's)."""
+    held = [[] for _ in labels]
+    current = 0
+    seen_finished = {}  # index -> the engine's step count when it was first seen finished
+
+    def ended(i: int) -> bool:
+        if stats.sequences[i].finish_reason is None:
+            return False
+        return seen_finished.setdefault(i, stats.engine.steps) < stats.engine.steps
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    def header(i: int) -> str:
+        return ("\n" if i else "") + f"==> {labels[i]} <==\n"
+
+    def advance(everything: bool) -> None:
+        nonlocal current
+        while current < len(labels) and (everything or ended(current)):
+            write("\n")
+            current += 1
+            if current < len(labels):
+                write(header(current) + "".join(held[current]))
+
+    write(header(0))
+    for i, piece in pieces:
+        held[i].append(piece)
+        if i == current:
+            write(piece)
+        advance(False)
+    advance(True)
+
+
+def _output_line(entry: PromptEntry, index: int, text: str, seq_stats) -> str:
+    return json.dumps({"id": index if entry.name is None else entry.name, "index": index, "text": text,
+                       "finish_reason": seq_stats.finish_reason, "stats": seq_stats.to_dict()},
+                      ensure_ascii=False)
+
+
 def cmd_generate(args) -> None:
     from .generate import generate
     _check_memory_args(args, [args.attention])
-    prompt = _read_prompt(args)
-    if not prompt.strip():
-        raise InfLLMLiteError("the prompt is empty")
+    entries = _read_prompts(args)
+    _check_batch_args(args, entries)
     model, tokenizer = load_from_args(args)
-    if args.chat:
-        messages = [{"role": "system", "content": args.system}] if args.system else []
-        prompt = messages + [{"role": "user", "content": prompt}]
-    memory = memory_config_from_args(args, model)
+    options = dict(max_new_tokens=args.max_new_tokens, memory=memory_config_from_args(args, model),
+                   attention=args.attention, temperature=args.temperature, top_p=args.top_p,
+                   top_k=args.top_k, seed=args.seed, stop=args.stop, chunk_size=args.chunk_size,
+                   attention_kernel=args.attention_kernel, return_stats=True)
+    if _is_batch(args, entries):
+        _generate_batch(model, tokenizer, entries, args, options)
+        return
     if args.compile:
         print(COMPILE_NOTE, file=sys.stderr, flush=True)
-    text, stats = generate(model, tokenizer, prompt, max_new_tokens=args.max_new_tokens, memory=memory,
-                           attention=args.attention, temperature=args.temperature, top_p=args.top_p,
-                           top_k=args.top_k, seed=args.seed, stop=args.stop, stream=args.stream,
-                           chunk_size=args.chunk_size, compile=args.compile,
-                           attention_kernel=args.attention_kernel, return_stats=True)
+    text, stats = generate(model, tokenizer, _as_prompt(entries[0], args), stream=args.stream,
+                           compile=args.compile, **options)
     _stream_to_stdout(text if args.stream else [text])
+    if args.stats:
+        print(stats.summary(), file=sys.stderr)
+
+
+def _generate_batch(model, tokenizer, entries: list[PromptEntry], args, options: dict) -> None:
+    """Every prompt through one engine: the answers on stdout under their headers, or
+    --output's lines."""
+    from .generate import generate
+    stream = args.stream and args.output is None
+    result, stats = generate(model, tokenizer, [_as_prompt(e, args) for e in entries], stream=stream,
+                             memory_budget=args.memory_budget, max_sequences=args.max_sequences,
+                             step_tokens=args.step_tokens, **options)
+    labels = [f"prompt {i}" if e.name is None else str(e.name) for i, e in enumerate(entries)]
+    if stream:
+        _print_in_order(result, labels, stats)
+    elif args.output is None:
+        _print_in_order(enumerate(result), labels, stats)
+    else:
+        lines = [_output_line(e, i, text, s)
+                 for i, (e, text, s) in enumerate(zip(entries, result, stats.sequences))]
+        write_atomic(args.output, "".join(line + "\n" for line in lines))
+        print(f"wrote {args.output} ({len(lines)} answers)")
     if args.stats:
         print(stats.summary(), file=sys.stderr)
 
@@ -305,7 +456,7 @@ def cmd_chat(args) -> None:
         args.attention = args.attention or "infllm"
         _check_memory_args(args, [args.attention])
     if args.file is not None:
-        document = _read_text(args.file, "document")
+        document = read_text_file(args.file, "document")
     model, tokenizer = load_from_args(args)
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                    top_k=args.top_k, seed=args.seed, kernel=args.attention_kernel)

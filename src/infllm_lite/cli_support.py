@@ -37,6 +37,8 @@ NUMBER_RULES = {
     "block_size": (lambda v: v >= 1, "must be at least 1"),
     "topk": (lambda v: v >= 0, "must be >= 0"),
     "max_cached_blocks": (lambda v: v >= 1, "must be at least 1"),
+    "max_sequences": (lambda v: v >= 1, "must be at least 1"),
+    "step_tokens": (lambda v: v >= 1, "must be at least 1"),
 }
 
 

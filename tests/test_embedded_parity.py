@@ -65,7 +65,9 @@ def test_loading_the_gguf_file_directly_gives_the_same_model(smollm, gguf_path):
     model, tok = smollm
     direct, direct_tok = load_model(gguf_path, dtype=torch.float32, device="cpu", progress=False)
     ids = torch.tensor([tok.encode("The Eiffel Tower is in")])
-    with torch.no_grad():
-        assert torch.equal(direct(ids), model(ids))
+    ours, theirs = direct.state_dict(), model.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    with torch.no_grad():  # the same weights; a few-row product's last bits follow their alignment
+        torch.testing.assert_close(direct(ids), model(ids), atol=1e-4, rtol=0)
     assert direct_tok.encode(PASSAGE) == tok.encode(PASSAGE)
     assert direct_tok.stop_token_ids == tok.stop_token_ids

@@ -10,7 +10,8 @@
 * ``pool``: ``BlockPool.ensure_resident`` of a top-k selection, all hits, all misses from
   host memory, all misses from the disk tier;
 * ``model-decode``: a decode step of the whole model with full attention at ``CONTEXT``
-  tokens, eager against ``torch.compile(model.step)`` (extra info: GB/s of the cost model).
+  tokens, eager against ``torch.compile(model.step)`` (extra info: GB/s of the cost model);
+* ``few-row-lm-head``: the LM head over 1-8 rows, ``F.linear`` against ``W · xᵀ``.
 
 Compilation and memory filling happen in fixtures or warm-up rounds, never timed. Each
 benchmark that advances a state runs on a copy of its own; every round feeds the next
@@ -204,3 +205,15 @@ def test_model_decode_step(benchmark, model, compiled):
     nbytes = Cost(model.args).decode_bytes_per_token(CONTEXT)
     benchmark.extra_info.update(context=CONTEXT, mb_per_token=nbytes / 1e6,
                                 gb_s=nbytes / benchmark.stats.stats.median / 1e9)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 4, 8])
+@pytest.mark.parametrize("form", ["x_wt", "w_xt"])
+def test_few_row_lm_head(benchmark, rows, form):
+    """The 49152 x 576 LM head over a decode step's rows: ``F.linear`` (x · Wᵀ) against
+    ``W · xᵀ``, what ``models.linear.Linear`` runs for up to 16 rows on the CPU."""
+    weight = torch.randn(49152, 576)
+    x = torch.randn(rows, 576)
+    fn = (lambda: torch.nn.functional.linear(x, weight)) if form == "x_wt" else (lambda: (weight @ x.T).T)
+    benchmark.group = f"few-row-lm-head-{rows}"
+    benchmark.pedantic(fn, rounds=20, warmup_rounds=3)

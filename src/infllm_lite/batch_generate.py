@@ -85,14 +85,16 @@ def generate_batch(model, tokenizer, prompts: Sequence, *, max_new_tokens: int =
 
 
 def _pieces(engine: Engine, index: dict[int, int], progress: bool) -> Iterator[tuple[int, str]]:
-    """(prompt index, text piece) as the engine makes them; the engine closes at the end,
-    or when the caller stops early."""
+    """(prompt index, text piece) as the engine makes them, an empty piece ending each
+    prompt's text (its stats are complete then); the engine closes at the end, or when the
+    caller stops early."""
     try:
         with tqdm(total=len(index), desc="sequences", unit="seq", disable=not progress, leave=False) as bar:
             for event in engine.events():
                 if event.text:
                     yield index[event.seq_id], event.text
                 if event.finish_reason is not None:
+                    yield index[event.seq_id], ""
                     bar.update(1)
     finally:
         engine.close()

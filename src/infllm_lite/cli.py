@@ -333,42 +333,31 @@ def _stream_to_stdout(pieces) -> int:
     return n_chars
 
 
-def _print_in_order(pieces, labels: list[str], stats) -> None:
+def _print_in_order(pieces, labels: list[str]) -> None:
     """Each answer under its header, in input order: the first unfinished answer streams as
-    it comes, later ones are held until it ends. ``pieces``: (index, text) pairs. An answer
-    has ended once its sequence has finished and a later engine step is being reported (a
-    step's pieces come together: the one that finished it may follow another's)."""
+    it comes, later ones are held until it ends. ``pieces``: (index, text) pairs, an empty
+    text ending that index's answer."""
     held = [[] for _ in labels]
+    done = [False] * len(labels)
     current = 0
-    seen_finished = {}  # index -> the engine's step count when it was first seen finished
-
-    def ended(i: int) -> bool:
-        if stats.sequences[i].finish_reason is None:
-            return False
-        return seen_finished.setdefault(i, stats.engine.steps) < stats.engine.steps
 
     def write(text: str) -> None:
         sys.stdout.write(text)
         sys.stdout.flush()
 
-    def header(i: int) -> str:
-        return ("\n" if i else "") + f"==> {labels[i]} <==\n"
-
-    def advance(everything: bool) -> None:
-        nonlocal current
-        while current < len(labels) and (everything or ended(current)):
+    write(f"==> {labels[0]} <==\n")
+    for i, piece in pieces:
+        if not piece:
+            done[i] = True
+        elif i == current:
+            write(piece)
+        else:
+            held[i].append(piece)
+        while current < len(labels) and done[current]:
             write("\n")
             current += 1
             if current < len(labels):
-                write(header(current) + "".join(held[current]))
-
-    write(header(0))
-    for i, piece in pieces:
-        held[i].append(piece)
-        if i == current:
-            write(piece)
-        advance(False)
-    advance(True)
+                write(f"\n==> {labels[current]} <==\n" + "".join(held[current]))
 
 
 def _output_line(entry: PromptEntry, index: int, text: str, seq_stats) -> str:
@@ -409,9 +398,9 @@ def _generate_batch(model, tokenizer, entries: list[PromptEntry], args, options:
                              step_tokens=args.step_tokens, **options)
     labels = [f"prompt {i}" if e.name is None else str(e.name) for i, e in enumerate(entries)]
     if stream:
-        _print_in_order(result, labels, stats)
+        _print_in_order(result, labels)
     elif args.output is None:
-        _print_in_order(enumerate(result), labels, stats)
+        _print_in_order(((i, piece) for i, text in enumerate(result) for piece in (text, "")), labels)
     else:
         lines = [_output_line(e, i, text, s)
                  for i, (e, text, s) in enumerate(zip(entries, result, stats.sequences))]

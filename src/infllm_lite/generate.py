@@ -176,7 +176,8 @@ def generate(model: Transformer, tokenizer: Tokenizer, prompt: str | Sequence[di
 
     A **list of prompts** runs through one continuous-batching engine
     (:mod:`infllm_lite.engine`): the result is a list of texts in the prompts' order, or
-    with ``stream=True`` an iterator of ``(index, piece)`` pairs; ``return_stats`` gives a
+    with ``stream=True`` an iterator of ``(index, piece)`` pairs (an empty piece ends each
+    prompt's text); ``return_stats`` gives a
     :class:`~infllm_lite.batch_generate.BatchStats` (each sequence's stats and the
     engine's). Greedy or seeded, each text equals that prompt's own ``generate``. It also
     takes ``memory_budget`` (bytes of attention memory admitted at once),

@@ -6,7 +6,7 @@ accounting), this counts what the state allocates: for ``infllm`` the static slo
 of every layer (initial tokens, tail, fast-tier pool slots: three float32 copies with two
 indicator columns) and the growing parts at their largest (the host block store and the
 representative vectors grow by doubling); blocks sent to disk (``max_host_bytes``) are not
-counted. An upper bound, within a few percent for long memories
+counted. An upper bound: exact for the static part, up to twice the growing part
 (``tests/test_engine.py`` holds it to the tensors a state really holds).
 """
 
@@ -37,7 +37,7 @@ def state_bytes(mode: str, args: ModelArgs, n_tokens: int, memory: MemoryConfig 
         return 2 * L * Hkv * (cfg.n_init + cfg.n_local - 1) * d * elem
     lay = SlotLayout.build(cfg, batch_size=1, group=H // Hkv)
     slots = 3 * Hkv * lay.n_slots * (d + 2) * 4  # k_rot, k_raw, v (float32)
-    scores = H * lay.tail_capacity * 4
+    scores = H * lay.tail_capacity * 4 + lay.n_pool * 4  # the tail's scores, the pool slots' (lru-s)
     n_blocks = n_formed_blocks(cfg, n_tokens)
     repr_rows = max(16, 2 * n_blocks) if n_blocks else 0
     block_bytes = Hkv * cfg.block_size * d * elem  # K or V of one block

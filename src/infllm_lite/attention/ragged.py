@@ -19,16 +19,19 @@ from .base import AttentionState, LayerAttention
 
 
 class RaggedLayer(LayerAttention):
-    """Layer ``index`` of every sequence in the batch."""
+    """Layer ``index`` of every sequence in the batch (no reference back to the batch: no
+    cycle keeps the memories alive after the step)."""
 
-    def __init__(self, batch: "RaggedBatch", index: int):
-        self.state, self.index = batch, index
+    state = None
+
+    def __init__(self, states: list[AttentionState], index: int):
+        self.states, self.index = states, index
 
     def attend(self, q, k, v, positions, cos, sin, rope):
         """q: (B, H, T, d), k/v: (B, Hkv, T, d), positions: (B, T), cos/sin: (B, T, d)."""
         outs = [state.layers[self.index].attend(q[b:b + 1], k[b:b + 1], v[b:b + 1], positions[b],
                                                 cos[b], sin[b], rope)
-                for b, state in enumerate(self.state.states)]  # each (1, H, T, d)
+                for b, state in enumerate(self.states)]  # each (1, H, T, d)
         return torch.cat(outs, dim=0)
 
 
@@ -39,7 +42,7 @@ class RaggedBatch:
 
     def __init__(self, states: Sequence[AttentionState], n_layers: int):
         self.states = list(states)
-        self.layers = [RaggedLayer(self, i) for i in range(n_layers)]
+        self.layers = [RaggedLayer(self.states, i) for i in range(n_layers)]
 
     def positions(self, n_tokens: int) -> torch.Tensor:
         """(B, n_tokens): each sequence's next positions."""

@@ -267,6 +267,8 @@ class Engine:
             seq.stats.prefill_memory = seq.state.stats()
         else:
             seq.stats.decode_seconds = now - seq.first_token
+        if seq.request.keep_logits:
+            seq.logits.append(logits[0].clone())
         token_id = int(sample(logits, **seq.sampling()))
         if token_id in seq.stop_ids:
             return self._finish(seq, "stop")

@@ -50,6 +50,7 @@ class Request:
     attention: str = "full"
     memory: MemoryConfig | None = None
     chunk_size: int | None = None  # tokens per prefill call at most (None: memory.chunk_size)
+    keep_logits: bool = False  # keep each step's logits (vocab,) in ``Sequence.logits``
 
     def check(self, vocab_size: int) -> None:
         """Refuse what cannot run, with one clear line (an ``InfLLMLiteError``)."""

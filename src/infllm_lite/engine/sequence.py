@@ -54,6 +54,7 @@ class Sequence:
         self.next_input: int | None = None  # the token the next decode step feeds
         self.token_ids: list[int] = []
         self.pieces: list[str] = []
+        self.logits: list[torch.Tensor] = []  # (vocab,) per sampled token, with request.keep_logits
         self.finish_reason: str | None = None
         seed = request.sampling.seed
         self.generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)

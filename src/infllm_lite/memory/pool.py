@@ -218,35 +218,46 @@ class BlockPool:
         (per policy, never one of ``block_ids``). Afterwards the selection, in its order, is
         the most recently selected. At most ``n_slots`` distinct ids.
         """
+        return torch.tensor(self.ensure_resident_slots(block_ids)[1], dtype=torch.long, device=self.device)
+
+    def ensure_resident_slots(self, block_ids: "torch.Tensor | Sequence[int]") -> tuple[list[int], list[int]]:
+        """:meth:`ensure_resident` for a caller that indexes with host integers: the ids and
+        their slots as host lists (no tensor made). When every block is a hit, no eviction
+        order is computed (and ``lru-s`` reads no score)."""
         self._check_open()
         ids = self._ids(block_ids, "ensure_resident")
-        unique = list(dict.fromkeys(ids))
+        unique = list(dict.fromkeys(ids)) if len(ids) > 1 else ids
         if len(unique) > self.n_slots:
             raise InfLLMLiteError(f"ensure_resident: {len(unique)} distinct blocks selected but the "
                                   f"fast tier has {self.n_slots} slots (max_cached_blocks)")
-        missing = [b for b in unique if self._slot_of[b] < 0]
-        free = [s for s in range(self.n_slots) if self._block_of[s] < 0]
-        victims = self._eviction_order(exclude=set(unique))[:max(0, len(missing) - len(free))]
-        for s in victims:
-            self._slot_of[self._block_of[s]] = -1
-            self._block_of[s] = -1
-        targets = (free + victims)[:len(missing)]
-        for b, s in zip(missing, targets):
-            self._slot_of[b], self._block_of[s] = s, b
+        slot_of = self._slot_of
+        missing = [b for b in unique if slot_of[b] < 0]
+        victims: list[int] = []
         if missing:
+            free = [s for s in range(self.n_slots) if self._block_of[s] < 0]
+            if len(missing) > len(free):
+                victims = self._eviction_order(exclude=set(unique))[:len(missing) - len(free)]
+            for s in victims:
+                slot_of[self._block_of[s]] = -1
+                self._block_of[s] = -1
+            targets = (free + victims)[:len(missing)]
+            for b, s in zip(missing, targets):
+                slot_of[b], self._block_of[s] = s, b
             self._load(missing, targets)
             if self.policy == "lru-s":
                 self.slot_score.index_fill_(0, torch.tensor(targets, device=self.device), 0.0)
+        tick, clock = self._tick, self._clock
         for b in unique:
-            self._clock += 1
-            self._tick[self._slot_of[b]] = self._clock
+            clock += 1
+            tick[slot_of[b]] = clock
+        self._clock = clock
         st = self._stats
         st.chunks += 1
         st.hits += len(unique) - len(missing)
         st.misses += len(missing)
         st.evictions += len(victims)
         st.bytes_slow_to_fast += 2 * self.block_nbytes * len(missing)
-        return torch.tensor([self._slot_of[b] for b in ids], dtype=torch.long, device=self.device)
+        return ids, [slot_of[b] for b in ids]
 
     def record_chunk(self, block_ids: "torch.Tensor | Sequence[int]",
                      mass: "torch.Tensor | Sequence[float]") -> None:

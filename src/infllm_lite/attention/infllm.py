@@ -35,6 +35,14 @@ query), so compiled attention sees two shapes in a whole generation. Counts used
 slicing are host-side integers derived from positions; the selection is read on the host
 only by the pool's page table (one read per chunk and layer, free on the CPU).
 
+A call of exactly one query with batch 1 (a decode step; ``state.one_query``, on by
+default) skips the kernel: :mod:`.decode_step` computes the same joint softmax as a few
+small matmuls over contiguous slot ranges (the far prefix, the local window) and the
+selected blocks, kept side by side in a :class:`.decode_step.SelectedBlocks` that copies
+only the blocks a step newly selects; the rotations of a step are built once for all
+layers (``one_query_rotation``). Same scores, selection, pool residency and block
+formation as the chunk path (tests/test_infllm_decode_step.py holds the two together).
+
 Kernels (``InfLLMState(kernel=...)``, resolved once into an object by
 :func:`.kernels.make_kernel`): ``"auto"`` (the default) picks ``"window"`` on the CPU and
 ``"flex"`` elsewhere; ``"flex"`` compiled FlexAttention, ``"flex-eager"`` the same calls
@@ -52,11 +60,12 @@ import torch.nn.functional as F
 
 from ..config import ModelArgs
 from ..errors import InfLLMLiteError
-from ..kernels.block_relevance import select_blocks
+from ..kernels.block_relevance import block_scores, select_blocks
 from ..memory import BlockPool, PoolStats
 from ..memory_config import MemoryConfig, n_formed_blocks
 from ..rope import RotaryEmbedding, apply_rope
 from .base import AttentionState, LayerAttention, copy_into
+from .decode_step import SelectedBlocks, one_query_attention
 from .kernels import ChunkGeometry, InfLLMKernel, make_kernel
 from .slots import SlotLayout
 
@@ -84,6 +93,7 @@ class InfLLMLayerAttention(LayerAttention):
             fast_k=self.k_raw[:, :, a:b, :d].unflatten(2, (lay.n_pool, cfg.block_size)),
             fast_v=self.v[:, :, a:b, :d].unflatten(2, (lay.n_pool, cfg.block_size)))
         self.trace: list[tuple[int, int, torch.Tensor]] = []
+        self._selected: SelectedBlocks | None = None  # the one-query path's copy of its selection
 
     @property
     def tail_start(self) -> int:
@@ -96,6 +106,8 @@ class InfLLMLayerAttention(LayerAttention):
         # every rotation of this memory is the state's own (``state.rope``: the model's
         # frequencies), so a restored memory rotates its keys exactly as they were stored
         start = self.state.length
+        if q.shape[-2] == 1 and q.shape[0] == 1 and self.state.one_query:
+            return self._one_query(q, k, v, start)
         outs = []
         for a in range(0, q.shape[-2], self.cfg.exc_block_size):
             b = min(a + self.cfg.exc_block_size, q.shape[-2])
@@ -166,6 +178,60 @@ class InfLLMLayerAttention(LayerAttention):
             self.trace.append((s, e, self._padded(selected)))
         self._form_blocks(e)
         return out[:, :, :T].to(q.dtype)
+
+    # ------------------------------------------------------------------ one query
+    def _one_query(self, q, k, v, s: int) -> torch.Tensor:
+        """A chunk of one query at position ``s``, batch 1 (a decode step): the same
+        attention, scores, selection, residency and block formation as :meth:`_chunk`,
+        without its geometry (:mod:`.decode_step`). q: (1, H, 1, d), k/v: (1, Hkv, 1, d)."""
+        state, cfg, lay = self.state, self.cfg, self.state.layout
+        H, Hkv, d = self.n_heads, self.n_kv_heads, self.head_dim
+        cos, sin = state.one_query_rotation(s)  # (2, d): position s, then n_local - 1
+        x = apply_rope(torch.cat((q, k), dim=1).float(), cos, sin)[0]  # (H + Hkv, 2, d)
+        # store the token: an initial one, or the tail's newest (its score is 0 already)
+        tail = None if s < cfg.n_init else s - self.tail_start
+        slot = s if tail is None else lay.tail_slot + tail
+        self.k_raw[0, :, slot, :d] = k[0, :, 0]
+        self.k_rot[0, :, slot, :d] = x[H:, 0]
+        self.v[0, :, slot, :d] = v[0, :, 0]
+        selected, block_k, block_v = self._select_one(x[:H, 1])
+        last = slot + 1
+        split = max(0, last - cfg.n_local)  # slots [0, split) far, [split, last) local
+        out, p_loc, p_blocks = one_query_attention(x[:H, 0].view(Hkv, H // Hkv, d), x[:H, 1].view(Hkv, H // Hkv, d),
+                                                   self.k_rot[0], self.k_raw[0], self.v[0], split, last,
+                                                   block_k, block_v)
+        if tail is not None:  # the tail slots' local probabilities are their score increments
+            t0 = lay.tail_slot
+            a = max(split, t0)
+            self.tail_scores[0, :, a - t0:last - t0] += p_loc[..., a - split:].reshape(H, last - a)
+        if selected is not None and self.pool.policy == "lru-s":
+            blocks = self._selected.blocks[:len(selected)]  # in the order of p_blocks
+            self.pool.record_chunk(blocks, p_blocks.reshape(H, len(blocks), cfg.block_size).sum(dim=(0, 2)))
+        if state.record:
+            rows = None if selected is None else torch.tensor([selected], device=q.device)
+            self.trace.append((s, s + 1, self._padded(rows)))
+        self._form_blocks(s + 1)
+        return out.view(1, H, 1, d).to(q.dtype)
+
+    def _select_one(self, q_far: torch.Tensor):
+        """One query's selection (SPEC §6: all blocks if few, else the top-k of q_far ·
+        repr, the numbers :meth:`_select` computes) made resident and read side by side:
+        (the selected blocks as a host list, their keys, their values), or Nones.
+        q_far: (H, d)."""
+        n, topk = self.n_blocks, self.cfg.topk
+        if n == 0 or topk == 0:
+            return None, None, None
+        if n <= topk:
+            chosen = list(range(n))
+        else:  # the mean over one query is the query itself
+            scores = block_scores(q_far.reshape(1, -1), self.block_repr, n)  # (1, n)
+            chosen = scores[0].topk(topk).indices
+        chosen, slots = self.pool.ensure_resident_slots(chosen)  # page-table lookup, loads the misses
+        if self._selected is None:
+            self._selected = SelectedBlocks(self.n_kv_heads, topk, self.cfg.block_size, self.head_dim,
+                                            self.k_raw.device)
+        block_k, block_v = self._selected.update(chosen, slots, self.pool.slot_k[0], self.pool.slot_v[0])
+        return chosen, block_k, block_v
 
     # ------------------------------------------------------------------ pieces
     def _store(self, k_raw, k_rot, v, s: int, e: int) -> None:
@@ -244,6 +310,7 @@ class InfLLMLayerAttention(LayerAttention):
         for buf in (self.k_raw, self.k_rot, self.v):
             buf[:, :, t0:t0 + rest, :d] = buf[:, :, t0 + n_tok:t0 + used, :d].clone()
         self.tail_scores[:, :, :rest] = self.tail_scores[:, :, n_tok:used].clone()
+        self.tail_scores[:, :, rest:used] = 0  # slots past the tail score 0 (the one-query path adds to them)
         self.n_blocks = target  # the tail now starts n_tok tokens later
 
     def _grow_repr(self, needed: int) -> None:
@@ -287,6 +354,8 @@ class InfLLMState(AttentionState):
         self.host_bytes_per_layer = (None if config.max_host_bytes is None
                                      else max(1, config.max_host_bytes // args.n_layers))
         self._geometry_key, self._geometry = None, None
+        self.one_query = True  # single-query chunks of batch 1 take the decode step's path
+        self._rotation_key, self._rotation = None, None
         self.layers = [InfLLMLayerAttention(self, args) for _ in range(args.n_layers)]
 
     def stats(self) -> PoolStats:
@@ -308,3 +377,12 @@ class InfLLMState(AttentionState):
             self._geometry = self.kernel.geometry(self.layout, s, e, tail_start, self.rope, self.device)
             self._geometry_key = key
         return self._geometry
+
+    def one_query_rotation(self, s: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) (2, d) of a one-query chunk at position ``s``: its own angle (as
+        :func:`.kernels.query_rows` computes it), then the far one; built once per step."""
+        if self._rotation_key != s:
+            cos, sin = self.rope(torch.tensor([s], device=self.device), torch.float32)
+            self._rotation = torch.cat((cos, self.cos_far)), torch.cat((sin, self.sin_far))
+            self._rotation_key = s
+        return self._rotation

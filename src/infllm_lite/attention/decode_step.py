@@ -30,58 +30,57 @@ import torch
 
 def one_query_attention(q_loc: torch.Tensor, q_far: torch.Tensor, k_rot: torch.Tensor, k_raw: torch.Tensor,
                         v: torch.Tensor, split: int, last: int, block_k: torch.Tensor | None,
-                        block_v: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                        block_v: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Joint attention of one query per head, one sequence.
 
     q_loc/q_far: (Hkv, G, d) the query rotated at its position / at ``n_local - 1``,
-    grouped by KV head; k_rot/k_raw/v: (Hkv, S, >= d) one sequence's slot arrays (columns
-    past d ignored): slots ``[0, split)`` are far, ``[split, last)`` local; block_k/block_v:
-    (Hkv, K, d) the selected blocks' keys and values, or None. Returns the output
-    (Hkv, G, d), the local probabilities (Hkv, G, last - split) and the blocks'
-    probabilities (Hkv, G, K) (None without blocks), all of the one joint softmax."""
-    d = q_loc.shape[-1]
+    grouped by KV head; k_rot/k_raw/v: (Hkv, S, d) one sequence's slot arrays: slots
+    ``[0, split)`` are far, ``[split, last)`` local; block_k/block_v: (Hkv, K, d) the
+    selected blocks' keys and values, or None. Returns the output (Hkv, G, d) and the
+    probabilities of the one joint softmax (Hkv, G, last [+ K]): column j < last is slot
+    j (far below ``split``, local from there), then the blocks' keys in order."""
     parts = []
     if split:
-        parts.append(torch.bmm(q_far, k_raw[:, :split, :d].transpose(1, 2)))
-    parts.append(torch.bmm(q_loc, k_rot[:, split:last, :d].transpose(1, 2)))
+        parts.append(torch.bmm(q_far, k_raw[:, :split].transpose(1, 2)))
+    parts.append(torch.bmm(q_loc, k_rot[:, split:last].transpose(1, 2)))
     if block_k is not None:
         parts.append(torch.bmm(q_far, block_k.transpose(1, 2)))
     logits = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]  # (Hkv, G, last [+ K])
-    p = torch.softmax(logits.mul_(1.0 / math.sqrt(d)), dim=-1)
-    out = torch.bmm(p[..., :last], v[:, :last, :d])
-    if block_k is None:
-        return out, p[..., split:last], None
-    p_blocks = p[..., last:]
-    return torch.baddbmm(out, p_blocks, block_v), p[..., split:last], p_blocks
+    p = torch.softmax(logits.mul_(1.0 / math.sqrt(q_loc.shape[-1])), dim=-1)
+    out = torch.bmm(p[..., :last], v[:, :last])
+    if block_k is not None:
+        out = torch.baddbmm(out, p[..., last:], block_v)
+    return out, p
 
 
 class SelectedBlocks:
     """The keys and values of one sequence's selected blocks, side by side: position j
     (``block_size`` slots) holds block ``blocks[j]``. :meth:`update` makes positions
-    ``[0, k)`` hold a selection of k blocks, copying from the pool's fast tier only the
-    blocks that were not already there."""
+    ``[0, k)`` hold a selection of k blocks, copying from the pool's fast tier slot_k /
+    slot_v (Hkv, n_slots, block_size, d) only the blocks that were not already there."""
 
-    def __init__(self, n_kv_heads: int, topk: int, block_size: int, head_dim: int, device: torch.device):
+    def __init__(self, n_kv_heads: int, topk: int, block_size: int, head_dim: int, device: torch.device,
+                 slot_k: torch.Tensor, slot_v: torch.Tensor):
         self.k = torch.zeros(n_kv_heads, topk, block_size, head_dim, device=device)
         self.v = torch.zeros_like(self.k)
+        self.slot_k, self.slot_v = slot_k, slot_v
         self.blocks = [-1] * topk
+        self._flat = {}  # k -> the first k positions' keys and values (Hkv, k·block_size, d)
 
-    def update(self, selection: list[int], slots: list[int], slot_k: torch.Tensor, slot_v: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(self, selection: list[int], slots: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Positions ``[0, len(selection))`` hold the selected blocks (in any order), block
-        ``selection[i]`` copied from fast-tier slot ``slots[i]`` of slot_k/slot_v
-        (Hkv, n_slots, block_size, ≥ d) if it is not there yet. Returns their keys and
-        values (Hkv, k·block_size, d)."""
+        ``selection[i]`` copied from fast-tier slot ``slots[i]`` if it is not there yet.
+        Returns their keys and values (Hkv, k·block_size, d)."""
         n, blocks = len(selection), self.blocks
         if blocks[:n] != selection:
-            wanted = set(selection)
-            held = set(blocks[:n])
+            wanted, held = set(selection), set(blocks[:n])
             free = [j for j in range(n) if blocks[j] not in wanted]
-            d = self.k.shape[-1]
             for b, s in zip(selection, slots):
                 if b not in held:
                     j = free.pop()
-                    self.k[:, j] = slot_k[:, s, :, :d]
-                    self.v[:, j] = slot_v[:, s, :, :d]
+                    self.k.select(1, j).copy_(self.slot_k.select(1, s))
+                    self.v.select(1, j).copy_(self.slot_v.select(1, s))
                     blocks[j] = b
-        return self.k[:, :n].flatten(1, 2), self.v[:, :n].flatten(1, 2)
+        if n not in self._flat:
+            self._flat[n] = self.k[:, :n].flatten(1, 2), self.v[:, :n].flatten(1, 2)
+        return self._flat[n]

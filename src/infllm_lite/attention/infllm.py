@@ -93,7 +93,8 @@ class InfLLMLayerAttention(LayerAttention):
             fast_k=self.k_raw[:, :, a:b, :d].unflatten(2, (lay.n_pool, cfg.block_size)),
             fast_v=self.v[:, :, a:b, :d].unflatten(2, (lay.n_pool, cfg.block_size)))
         self.trace: list[tuple[int, int, torch.Tensor]] = []
-        self._selected: SelectedBlocks | None = None  # the one-query path's copy of its selection
+        self._one = None  # the one-query path's views (:meth:`_one_query_views`), made on its first step
+        self._one_selected: SelectedBlocks | None = None  # and its copy of the selected blocks
 
     @property
     def tail_start(self) -> int:
@@ -184,34 +185,47 @@ class InfLLMLayerAttention(LayerAttention):
         """A chunk of one query at position ``s``, batch 1 (a decode step): the same
         attention, scores, selection, residency and block formation as :meth:`_chunk`,
         without its geometry (:mod:`.decode_step`). q: (1, H, 1, d), k/v: (1, Hkv, 1, d)."""
-        state, cfg, lay = self.state, self.cfg, self.state.layout
+        state, cfg = self.state, self.cfg
         H, Hkv, d = self.n_heads, self.n_kv_heads, self.head_dim
-        cos, sin = state.one_query_rotation(s)  # (2, d): position s, then n_local - 1
-        x = apply_rope(torch.cat((q, k), dim=1).float(), cos, sin)[0]  # (H + Hkv, 2, d)
+        if self._one is None:
+            self._one = self._one_query_views()
+        k_rot, k_raw, values, scores, t0 = self._one
+        cos, sin = state.one_query_rotation(s)  # (2, 1, 1, d): position s, then n_local - 1
+        x = apply_rope(torch.cat((q, k), dim=1).float(), cos, sin).view(2, H + Hkv, d)
+        q_loc, q_far = x[0, :H], x[1, :H]  # (H, d) each, contiguous: rotated at s, at n_local - 1
         # store the token: an initial one, or the tail's newest (its score is 0 already)
         tail = None if s < cfg.n_init else s - self.tail_start
-        slot = s if tail is None else lay.tail_slot + tail
-        self.k_raw[0, :, slot, :d] = k[0, :, 0]
-        self.k_rot[0, :, slot, :d] = x[H:, 0]
-        self.v[0, :, slot, :d] = v[0, :, 0]
-        selected, block_k, block_v = self._select_one(x[:H, 1])
+        slot = s if tail is None else t0 + tail
+        k_raw.select(1, slot).copy_(k.reshape(Hkv, d))
+        k_rot.select(1, slot).copy_(x[0, H:])
+        values.select(1, slot).copy_(v.reshape(Hkv, d))
+        selected, block_k, block_v = self._select_one(q_far)
         last = slot + 1
         split = max(0, last - cfg.n_local)  # slots [0, split) far, [split, last) local
-        out, p_loc, p_blocks = one_query_attention(x[:H, 0].view(Hkv, H // Hkv, d), x[:H, 1].view(Hkv, H // Hkv, d),
-                                                   self.k_rot[0], self.k_raw[0], self.v[0], split, last,
-                                                   block_k, block_v)
+        out, p = one_query_attention(q_loc.view(Hkv, H // Hkv, d), q_far.view(Hkv, H // Hkv, d), k_rot, k_raw,
+                                     values, split, last, block_k, block_v)
         if tail is not None:  # the tail slots' local probabilities are their score increments
-            t0 = lay.tail_slot
             a = max(split, t0)
-            self.tail_scores[0, :, a - t0:last - t0] += p_loc[..., a - split:].reshape(H, last - a)
+            scores[:, a - t0:last - t0].add_(p[..., a:last].reshape(H, last - a))
         if selected is not None and self.pool.policy == "lru-s":
-            blocks = self._selected.blocks[:len(selected)]  # in the order of p_blocks
-            self.pool.record_chunk(blocks, p_blocks.reshape(H, len(blocks), cfg.block_size).sum(dim=(0, 2)))
+            blocks = self._one_selected.blocks[:len(selected)]  # in the order of the block keys
+            self.pool.record_chunk(blocks, p[..., last:].reshape(H, len(blocks), cfg.block_size).sum(dim=(0, 2)))
         if state.record:
             rows = None if selected is None else torch.tensor([selected], device=q.device)
             self.trace.append((s, s + 1, self._padded(rows)))
         self._form_blocks(s + 1)
-        return out.view(1, H, 1, d).to(q.dtype)
+        out = out.view(1, H, 1, d)
+        return out if out.dtype == q.dtype else out.to(q.dtype)
+
+    def _one_query_views(self):
+        """What every one-query step reads, as views made once: the rotated and raw keys
+        and the values (Hkv, S, d) and the tail's scores (H, ·) of the one sequence, and
+        the first tail slot."""
+        d = self.head_dim
+        self._one_selected = SelectedBlocks(self.n_kv_heads, self.cfg.topk, self.cfg.block_size, d,
+                                            self.k_raw.device, self.pool.slot_k[0], self.pool.slot_v[0])
+        return (self.k_rot[0, :, :, :d], self.k_raw[0, :, :, :d], self.v[0, :, :, :d], self.tail_scores[0],
+                self.state.layout.tail_slot)
 
     def _select_one(self, q_far: torch.Tensor):
         """One query's selection (SPEC §6: all blocks if few, else the top-k of q_far ·
@@ -224,13 +238,14 @@ class InfLLMLayerAttention(LayerAttention):
         if n <= topk:
             chosen = list(range(n))
         else:  # the mean over one query is the query itself
-            scores = block_scores(q_far.reshape(1, -1), self.block_repr, n)  # (1, n)
+            q_mean = q_far.view(1, -1)  # (1, H·d)
+            if self.block_repr.is_cuda:
+                scores = block_scores(q_mean, self.block_repr, n)  # (1, n)
+            else:  # block_scores' torch twin without its checks: the same bmm, the same numbers
+                scores = torch.bmm(self.block_repr[:, :n], q_mean[:, :, None])[..., 0]
             chosen = scores[0].topk(topk).indices
         chosen, slots = self.pool.ensure_resident_slots(chosen)  # page-table lookup, loads the misses
-        if self._selected is None:
-            self._selected = SelectedBlocks(self.n_kv_heads, topk, self.cfg.block_size, self.head_dim,
-                                            self.k_raw.device)
-        block_k, block_v = self._selected.update(chosen, slots, self.pool.slot_k[0], self.pool.slot_v[0])
+        block_k, block_v = self._one_selected.update(chosen, slots)
         return chosen, block_k, block_v
 
     # ------------------------------------------------------------------ pieces
@@ -379,10 +394,12 @@ class InfLLMState(AttentionState):
         return self._geometry
 
     def one_query_rotation(self, s: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, sin) (2, d) of a one-query chunk at position ``s``: its own angle (as
-        :func:`.kernels.query_rows` computes it), then the far one; built once per step."""
+        """(cos, sin) (2, 1, 1, d) of a one-query chunk at position ``s``: its own angle (as
+        :func:`.kernels.query_rows` computes it), then the far one; built once per step for
+        all layers."""
         if self._rotation_key != s:
             cos, sin = self.rope(torch.tensor([s], device=self.device), torch.float32)
-            self._rotation = torch.cat((cos, self.cos_far)), torch.cat((sin, self.sin_far))
+            self._rotation = (torch.cat((cos, self.cos_far)).view(2, 1, 1, -1),
+                              torch.cat((sin, self.sin_far)).view(2, 1, 1, -1))
             self._rotation_key = s
         return self._rotation

@@ -9,18 +9,9 @@ from pathlib import Path
 import pytest
 
 from infllm_lite.cli import main
+from test_front_door import one_error_line, run_cli  # the same CLI harness
 
 MAX_NEW = "4"
-
-
-def run_cli(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_error_line(err: str) -> bool:
-    return err.startswith("error: ") and err.count("\n") == 1
 
 
 @pytest.fixture(scope="module")

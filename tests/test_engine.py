@@ -107,11 +107,13 @@ def test_seeded_samples_do_not_depend_on_the_batch(tiny):
 
 
 def _state_bytes_held(state) -> int:
-    """Bytes of every distinct tensor storage a memory holds (layers and their pools)."""
+    """Bytes of every distinct tensor storage a memory holds (its layers and the objects
+    they hold: pools, the decode step's selected blocks)."""
     seen, total = set(), 0
     for layer in state.layers:
-        for obj in (layer, getattr(layer, "pool", None)):
-            for x in vars(obj).values() if obj is not None else ():
+        objects = [layer] + [x for x in vars(layer).values() if hasattr(x, "__dict__") and x is not state]
+        for obj in objects:
+            for x in vars(obj).values():
                 if isinstance(x, torch.Tensor) and x.untyped_storage().data_ptr() not in seen:
                     seen.add(x.untyped_storage().data_ptr())
                     total += x.untyped_storage().nbytes()
@@ -126,7 +128,7 @@ def test_the_predicted_memory_bounds_what_a_memory_holds(tiny, mode, n):
     static slot arrays, most of a memory up to a few thousand tokens, are exact)."""
     model, _ = tiny
     state = make_attention_state(mode, model.args, capacity=n, memory=TINY_MEMORY, kernel=KERNEL)
-    prefill(model, state, torch.randint(3, 49152, (1, n)), chunk_size=128, predict=False)
+    prefill(model, state, torch.randint(3, 49152, (1, n)), chunk_size=128, predict=True)  # + one decode step
     held, predicted = _state_bytes_held(state), state_bytes(mode, model.args, n, TINY_MEMORY)
     assert held <= predicted <= 2 * held
     state.close()

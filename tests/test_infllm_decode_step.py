@@ -13,7 +13,6 @@ accepted as a difference.
 
 from __future__ import annotations
 
-import itertools
 
 import pytest
 import torch
@@ -28,17 +27,9 @@ from infllm_lite.memory_config import MemoryConfig, n_formed_blocks
 from infllm_lite.rope import RotaryEmbedding
 
 from infllm_reference import reference_infllm
+from test_infllm_layer import near_tie_choices, one_thread  # noqa: F401  (one_thread: an autouse fixture)
 
 TIE_EPS = 1e-5
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread (two wait on each other on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def model_args(H: int, Hkv: int, d: int) -> ModelArgs:
@@ -141,19 +132,6 @@ def test_one_query_steps_equal_the_chunk_path(case, kernel):
     assert_same_memory(fast, slow)
 
 
-def near_tie_sets(values: list[float], k: int) -> list[set[int]]:
-    """Every index set that is a top-k of ``values`` up to near-ties."""
-    if k == 0:
-        return [set()]
-    if k >= len(values):
-        return [set(range(len(values)))]
-    kth = sorted(values, reverse=True)[k - 1]
-    eps = TIE_EPS * max(1.0, abs(kth))
-    sure = {i for i, x in enumerate(values) if x > kth + eps}
-    tied = [i for i, x in enumerate(values) if abs(x - kth) <= eps]
-    return [sure | set(c) for c in itertools.combinations(tied, k - len(sure))]
-
-
 @settings(max_examples=30, deadline=None)
 @given(case=decode_cases())
 def test_one_query_steps_equal_the_dense_reference(case):
@@ -170,7 +148,7 @@ def test_one_query_steps_equal_the_dense_reference(case):
     torch.testing.assert_close(out.double(), ref.out, atol=1e-4, rtol=1e-4)
     for c, scores in enumerate(ref.retrieval_scores):
         if scores is not None:
-            assert set(chosen[c][0]) in near_tie_sets(scores[0].tolist(), config.topk), c
+            assert set(chosen[c][0]) in near_tie_choices(scores[0].tolist(), config.topk), c
 
 
 def test_batch_of_two_takes_the_chunk_path_and_agrees_with_batch_one():

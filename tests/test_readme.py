@@ -80,7 +80,7 @@ def runs(tmp_path_factory) -> dict:
 
 
 def test_the_marked_constants_are_substituted():
-    assert len(BLOCKS) == 4  # three in README.md, one in chat.py
+    assert len(BLOCKS) == 6  # five in README.md, one in chat.py
     code = "n = 32_768          # 4x the window; README_TEST: 2048\nprint(n)\n"
     assert for_test(code) == "n = 2048          # 4x the window; README_TEST: 2048\nprint(n)\n"
     for code in BLOCKS.values():  # every marker sits on a `name = value` line, so none is ignored
@@ -108,6 +108,6 @@ def test_memory_tiers_block_sends_blocks_to_disk(runs):
 
 
 def test_chat_blocks_save_a_snapshot(runs):
-    for name in ("README block 3", "chat.py docstring"):
+    for name in ("README block 5", "chat.py docstring"):
         assert runs[name]["files"] == ["report.snap", "report.txt"], runs[name]["files"]
         assert runs[name]["stdout"].strip()

@@ -44,15 +44,19 @@ def prefix_causal_attention(q: torch.Tensor, k_prefix: torch.Tensor, v_prefix: t
     return ((out_p * w_p[..., None] + out_c * w_c[..., None]) / (w_p + w_c)[..., None]).to(q.dtype)
 
 
-def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        mask: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of one query per head (a decode step) as two matmuls in which the G query
-    heads of a KV head share its keys: every key and value is read once. (Measured at 2K,
-    1 thread: a compiled model step's attention 12 ms against SDPA's 16; 30 layers alone,
-    same run, 23.1 against 24.4 ms.)
+    heads of a KV head share its keys: every key and value is read once. The scores are
+    ``k · qᵀ`` (the keys stream as the large operand: 16 against 12 GB/s for ``q · kᵀ``
+    at 2K keys, 2 threads). (Measured at 2K, 1 thread: a compiled model step's attention
+    12 ms against SDPA's 16; 30 layers alone, same run, 23.1 against 24.4 ms.)
 
-    q: (B, H, 1, d); k/v: (B, Hkv, S, d); mask: (1, S) True where visible."""
+    q: (B, H, 1, d); k/v: (B, Hkv, S, d); mask: (1, S) True where visible, or None when
+    every key is."""
     B, H, _, d = q.shape
     Hkv = k.shape[1]
-    scores = (q.reshape(B, Hkv, H // Hkv, d) @ k.transpose(-1, -2)) * d ** -0.5  # (B, Hkv, G, S)
-    weights = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
-    return (weights @ v).reshape(B, H, 1, d)
+    scores = (k @ q.reshape(B, Hkv, H // Hkv, d).transpose(-1, -2)).transpose(-1, -2) * d ** -0.5  # (B, Hkv, G, S)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return (scores.softmax(dim=-1) @ v).reshape(B, H, 1, d)

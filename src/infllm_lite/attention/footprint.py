@@ -4,7 +4,7 @@ batching engine admits requests by.
 Unlike :func:`~infllm_lite.memory_config.memory_estimate` (the tiers' K/V, the paper's
 accounting), this counts what the state allocates: for ``infllm`` the static slot arrays
 of every layer (initial tokens, tail, fast-tier pool slots: three float32 copies with two
-indicator columns) and the growing parts at their largest (the host block store and the
+indicator columns; the decode step's copy of its selected blocks) and the growing parts at their largest (the host block store and the
 representative vectors grow by doubling); blocks sent to disk (``max_host_bytes``) are not
 counted. An upper bound: exact for the static part, up to twice the growing part
 (``tests/test_engine.py`` holds it to the tensors a state really holds).
@@ -38,11 +38,12 @@ def state_bytes(mode: str, args: ModelArgs, n_tokens: int, memory: MemoryConfig 
     lay = SlotLayout.build(cfg, batch_size=1, group=H // Hkv)
     slots = 3 * Hkv * lay.n_slots * (d + 2) * 4  # k_rot, k_raw, v (float32)
     scores = H * lay.tail_capacity * 4 + lay.n_pool * 4  # the tail's scores, the pool slots' (lru-s)
+    selected = 2 * Hkv * cfg.topk * cfg.block_size * d * 4  # the decode step's copy of its blocks
     n_blocks = n_formed_blocks(cfg, n_tokens)
     repr_rows = max(16, 2 * n_blocks) if n_blocks else 0
     block_bytes = Hkv * cfg.block_size * d * elem  # K or V of one block
     host_blocks = max(MIN_HOST_BLOCKS, 2 * n_blocks) if n_blocks else 0
     if cfg.max_host_bytes is not None:
         host_blocks = min(host_blocks, max(1, cfg.max_host_bytes // L) // (2 * block_bytes))
-    per_layer = slots + scores + repr_rows * H * d * 4 + host_blocks * 2 * block_bytes
+    per_layer = slots + scores + selected + repr_rows * H * d * 4 + host_blocks * 2 * block_bytes
     return L * per_layer

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from ..config import ModelArgs
-from ..causal import causal_attention, prefix_causal_attention
+from ..causal import causal_attention, one_query_attention, prefix_causal_attention
 from ..errors import InfLLMLiteError
 from ..rope import apply_rope
 from .base import AttentionState, LayerAttention, copy_into
@@ -43,6 +43,8 @@ class FullLayerAttention(LayerAttention):
         first = 0 if self.window is None else max(0, start - self.window + 1)
         if start == 0 and self.window is None:
             return causal_attention(q, k, v, positions, positions)
+        if self.window is None and q.shape[-2] == 1:  # a decode step sees every cached key
+            return one_query_attention(q, self.k[:, :, :end], self.v[:, :, :end])
         if self.window is None and q.shape[-2] > 1 and q.device.type == "cpu":
             return prefix_causal_attention(q, self.k[:, :, :start], self.v[:, :, :start], k, v)
         return causal_attention(q, self.k[:, :, first:end], self.v[:, :, first:end],

@@ -47,19 +47,18 @@ def generate_batch(model, tokenizer, prompts: Sequence, *, max_new_tokens: int =
                    memory_budget: int | None = None, max_sequences: int | None = None,
                    step_tokens: int | None = None, return_stats: bool = False):
     """The texts of ``prompts`` (see :func:`~infllm_lite.generate`); every request is
-    checked before any work, a bad one named by its index. ``seed`` (one for all, or one
-    per prompt): each prompt's draws are its own, equal to its batch-1 run with that seed."""
+    checked (by ``Engine.submit``) before any work, a bad one named by its index.
+    ``seed`` (one for all, or one per prompt): each prompt's draws are its own, equal to
+    its batch-1 run with that seed."""
     seeds = _per_prompt("seed", seed, len(prompts))
     requests = []
     for i, (prompt, s) in enumerate(zip(prompts, seeds)):
         try:
-            req = Request(encode_prompt(tokenizer, prompt), max_new_tokens=max_new_tokens,
-                          sampling=SamplingOptions(temperature, top_p, top_k, s), stop=tuple(stop),
-                          attention=attention, memory=memory, chunk_size=chunk_size)
-            req.check(model.args.vocab_size)
+            requests.append(Request(encode_prompt(tokenizer, prompt), max_new_tokens=max_new_tokens,
+                                    sampling=SamplingOptions(temperature, top_p, top_k, s), stop=tuple(stop),
+                                    attention=attention, memory=memory, chunk_size=chunk_size))
         except InfLLMLiteError as e:
             raise InfLLMLiteError(f"prompt {i}: {e}") from None
-        requests.append(req)
     options = {} if step_tokens is None else {"step_tokens": step_tokens}
     engine = Engine(model, tokenizer, memory_budget=memory_budget, max_sequences=max_sequences,
                     attention_kernel=attention_kernel, **options)

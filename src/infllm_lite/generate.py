@@ -3,7 +3,6 @@ stop strings, as one string or as a stream of text pieces."""
 
 from __future__ import annotations
 
-import time
 from typing import Iterator, Sequence
 
 import torch
@@ -17,7 +16,7 @@ from .models.transformer import Transformer
 from .options import DEFAULT_CHUNK_SIZE
 from .prompts import encode_prompt, is_prompt_list, stop_token_ids
 from .sampling import check_sampling, sample
-from .stats import GenerationStats
+from .stats import GenerationStats, device_clock
 from .text_stream import stream_text
 from .tokenizer import Tokenizer
 
@@ -120,20 +119,13 @@ def _prefill_and_decode(model, state, ids, max_new_tokens, stop_token_ids, chunk
         state.close()
 
 
-def _clock(device: torch.device) -> float:
-    """Seconds, after the device's queued work (so phases are timed, not launches)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
-
-
 def _run(model, state, ids, max_new_tokens, stop_token_ids, chunk_size, compile, progress, sampling,
          stats: GenerationStats) -> Iterator[int]:
     stats.prompt_tokens = ids.shape[1]
-    t0 = _clock(ids.device)
+    t0 = device_clock(ids.device)
     with torch.inference_mode():
         logits = prefill(model, state, ids, chunk_size=chunk_size, progress=progress)  # (1, 1, vocab)
-        stats.prefill_seconds = _clock(ids.device) - t0
+        stats.prefill_seconds = device_clock(ids.device) - t0
         stats.prefill_memory = state.stats()
 
         step = model.step
@@ -149,10 +141,10 @@ def _run(model, state, ids, max_new_tokens, stop_token_ids, chunk_size, compile,
             yield token_id
             if i + 1 == max_new_tokens:
                 return
-            t1 = _clock(ids.device)
+            t1 = device_clock(ids.device)
             logits = step(token[:, None], state.positions(1), state)  # (1, 1, vocab)
             state.advance(1)
-            stats.decode_seconds += _clock(ids.device) - t1
+            stats.decode_seconds += device_clock(ids.device) - t1
 
 
 def generate(model: Transformer, tokenizer: Tokenizer, prompt: str | Sequence[dict] | Sequence[int], *,

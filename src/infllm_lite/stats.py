@@ -3,7 +3,10 @@ context memory, the block pools' counters (hits, misses, bytes moved per tier)."
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass
+
+import torch
 
 from .memory import PoolStats
 
@@ -60,3 +63,10 @@ class GenerationStats:
                 f"{m.blocks_fast} cached), {used}, "
                 f"moved {m.bytes_slow_to_fast / mib:.1f} MiB to the fast tier, "
                 f"{m.bytes_host_to_disk / mib:.1f} MiB to disk, {m.bytes_disk_to_host / mib:.1f} MiB from disk")
+
+
+def device_clock(device: torch.device) -> float:
+    """Seconds, after the device's queued work (so phases are timed, not launches)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()

@@ -40,6 +40,7 @@ from ..memory_config import MemoryConfig
 from ..options import DEFAULT_CHUNK_SIZE
 from ..prompts import stop_token_ids as prompt_stop_ids
 from ..sampling import sample
+from ..stats import device_clock
 from ..text_stream import TextStream
 from .request import Request
 from .sequence import DECODE, FINISHED, PREFILL, Event, Sequence
@@ -229,11 +230,10 @@ class Engine:
             unit = memory.exc_block_size if seq.request.attention == "infllm" else 1
             chunk = seq.request.chunk_size or (memory.chunk_size if memory is not None else DEFAULT_CHUNK_SIZE)
             cut = _cut(seq.fed, seq.body, budget, unit, chunk)
-            t0 = _clock(self.device)
+            t0 = device_clock(self.device)
             ids = torch.tensor([seq.prompt[seq.fed:cut]], dtype=torch.long, device=self.device)  # (1, n)
             self.model(ids, seq.state, last_only=True)
-            seconds = _clock(self.device) - t0
-            seq.stats.prefill_seconds += seconds
+            seconds = device_clock(self.device) - t0
             self.stats.prefill_seconds += seconds
             self.stats.prefill_tokens += cut - seq.fed
             budget -= cut - seq.fed
@@ -242,7 +242,7 @@ class Engine:
                 seq.status = DECODE
 
     def _decode(self, seqs: list[Sequence]) -> list[Event]:
-        t0 = _clock(self.device)
+        t0 = device_clock(self.device)
         ids = torch.tensor([[s.next_input] for s in seqs], dtype=torch.long, device=self.device)  # (B, 1)
         if len(seqs) == 1:
             logits = self.model(ids, seqs[0].state)  # (1, 1, vocab): exactly batch-1's step
@@ -251,7 +251,7 @@ class Engine:
             logits = self.model.step(ids, batch.positions(1), batch)  # (B, 1, vocab)
             batch.advance(1)
         events = [self._sampled(seq, logits[b:b + 1, -1]) for b, seq in enumerate(seqs)]
-        seconds = _clock(self.device) - t0
+        seconds = device_clock(self.device) - t0
         self.stats.decode_seconds += seconds
         self.stats.decode_tokens += len(seqs)
         self.stats.max_batch = max(self.stats.max_batch, len(seqs))
@@ -306,9 +306,3 @@ class Engine:
             cancels, self._cancels = self._cancels, set()
         return [self._finish(self.sequences[i], "cancelled") for i in sorted(cancels)
                 if self.sequences[i].status != FINISHED]
-
-
-def _clock(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()

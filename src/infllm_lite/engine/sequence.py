@@ -14,7 +14,6 @@ from ..text_stream import TextStream
 from .request import Request
 
 WAITING, PREFILL, DECODE, FINISHED = "waiting", "prefill", "decode", "finished"
-FINISH_REASONS = ("stop", "length", "cancelled")  # stop: a stop token or string
 
 
 @dataclass

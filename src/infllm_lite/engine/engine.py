@@ -18,6 +18,14 @@ Each :meth:`Engine.step`:
    or cancelled sequence closes its memory at once (host slots, disk files) and gives its
    budget back.
 
+A request may continue a memory (``Request.state``: a conversation's next turn) and keep
+it (``Request.keep_state``): the memory is then handed back in ``Sequence.state`` and
+stays counted against the budget as *held* until :meth:`Engine.release`. When held
+memories leave no room for the next waiting request, the engine calls ``make_room``
+(which may release some, e.g. after saving them to snapshots); a request that still
+cannot fit with nothing else running is refused (``finish_reason`` ``refused``,
+``Sequence.error`` says why) instead of waiting forever.
+
 Submission and cancellation are thread-safe (a server thread may submit while another
 steps); steps run one at a time.
 """
@@ -28,7 +36,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -85,12 +93,15 @@ class Engine:
     default stop tokens; ``memory_budget`` (bytes, None: unlimited) bounds the attention
     memory of the admitted sequences; ``max_sequences`` how many run at once;
     ``step_tokens`` the tokens one step processes (decode tokens first, prompt chunks in
-    what is left); ``attention_kernel`` computes ``infllm`` (resolved once).
+    what is left); ``attention_kernel`` computes ``infllm`` (resolved once); ``make_room(n)``
+    (optional) is called inside a step when the next waiting request needs ``n`` bytes
+    more than the budget has free and held memories take some of it.
     """
 
     def __init__(self, model, tokenizer=None, *, memory_budget: int | None = None,
                  max_sequences: int | None = None, step_tokens: int = DEFAULT_STEP_TOKENS,
-                 attention_kernel="auto", stop_token_ids: set[int] | None = None):
+                 attention_kernel="auto", stop_token_ids: set[int] | None = None,
+                 make_room: Callable[[int], object] | None = None):
         for name, value in (("memory_budget", memory_budget), ("max_sequences", max_sequences),
                             ("step_tokens", step_tokens)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -114,12 +125,40 @@ class Engine:
         self._step_lock = threading.Lock()  # one step at a time
         self._cancels: set[int] = set()
         self._events: list[Event] = []  # cancellations outside a step, reported by the next
+        self.make_room = make_room
+        self._held: dict[int, tuple[object, int]] = {}  # id(state) -> (state, bytes): kept memories
 
     # ------------------------------------------------------------------ requests
     def predicted_bytes(self, request: Request) -> int:
-        """The memory ``request`` will hold at its longest (prompt + max_new_tokens)."""
-        return state_bytes(request.attention, self.model.args, len(request.prompt_ids) + request.max_new_tokens,
-                           request.memory, self.dtype)
+        """The memory ``request`` will hold at its longest (what its state has read, prompt
+        and max_new_tokens; a full-attention cache: its capacity)."""
+        n = request.position + len(request.prompt_ids) + request.max_new_tokens
+        if request.attention == "full":
+            n = max(n, getattr(request.state, "capacity", None) or request.capacity or 0)
+        return state_bytes(request.attention, self.model.args, n, request.memory, self.dtype)
+
+    def held_size(self, state, mode: str, memory: MemoryConfig | None) -> int:
+        """What a kept memory of ``mode`` counts against the budget: its bytes at its length
+        (a full-attention cache: at its capacity)."""
+        n = state.capacity if mode == "full" else state.length
+        return state_bytes(mode, self.model.args, n, memory, self.dtype)
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of the memories handed back with ``keep_state`` and not yet released."""
+        with self._lock:
+            return sum(n for _, n in self._held.values())
+
+    def held_states(self) -> list:
+        with self._lock:
+            return [state for state, _ in self._held.values()]
+
+    def release(self, state) -> bool:
+        """Stop counting a kept memory against the budget (the caller closes it, or has saved
+        it); False if the engine does not hold it (never kept, already released, or in use
+        by a request)."""
+        with self._lock:
+            return self._held.pop(id(state), None) is not None
 
     def submit(self, request: Request) -> int:
         """Queue ``request``; returns its sequence id. Bad input, or a memory larger than
@@ -136,6 +175,10 @@ class Engine:
                 f"this request needs {needed / 2**20:.1f} MiB of attention memory "
                 f"({request.attention}, {len(request.prompt_ids)} prompt + {request.max_new_tokens} "
                 f"new tokens), more than the engine's whole budget of {self.memory_budget / 2**20:.1f} MiB")
+        if request.capacity is not None and request.attention == "full" and request.state is None \
+                and len(request.prompt_ids) + request.max_new_tokens > request.capacity:
+            raise InfLLMLiteError(f"capacity {request.capacity} is less than the prompt's {len(request.prompt_ids)} "
+                                  f"tokens + {request.max_new_tokens} new ones")
         if request.stop and self.tokenizer is None:
             raise InfLLMLiteError("stop strings need an engine with a tokenizer")
         stop_ids = self.stop_token_ids if request.stop_token_ids is None else frozenset(request.stop_token_ids)
@@ -191,6 +234,8 @@ class Engine:
             events, self._events = self._events, []
             events.extend(self._apply_cancels())
             self._admit()
+            events.extend(self._events)  # requests refused at admission
+            self._events = []
             with torch.inference_mode():
                 self._prefill()
                 ready = [s for s in self.running if s.fed == s.body]
@@ -203,12 +248,18 @@ class Engine:
     def _admit(self) -> None:
         while self.waiting and (self.max_sequences is None or len(self.running) < self.max_sequences):
             seq = self.waiting[0]
-            if self.memory_budget is not None and self.reserved + seq.reserved > self.memory_budget:
-                return  # it waits (arrival order: nobody overtakes it)
-            req = seq.request
-            seq.state = make_attention_state(
-                req.attention, self.model.args, capacity=len(seq.prompt) + req.max_new_tokens,
-                memory=seq.memory, dtype=self.dtype, device=self.device, kernel=self.kernel)
+            if not self._fits(seq):
+                if self.running:
+                    return  # it waits (arrival order: nobody overtakes it)
+                self._refuse(seq, f"this request needs {seq.reserved / 2**20:.1f} MiB of attention memory; "
+                             f"kept memories (conversations) hold {self.held_bytes / 2**20:.1f} MiB of the "
+                             f"budget's {self.memory_budget / 2**20:.1f} MiB and none could be released")
+                continue
+            try:
+                seq.state = self._memory_for(seq)
+            except InfLLMLiteError as e:
+                self._refuse(seq, str(e))
+                continue
             with self._lock:
                 self.waiting.popleft()
                 self.running.append(seq)
@@ -217,6 +268,39 @@ class Engine:
             seq.next_input = seq.prompt[-1]
             seq.admitted = time.perf_counter()
             seq.stats.queued_seconds = seq.admitted - seq.submitted
+
+    def _fits(self, seq: Sequence) -> bool:
+        """Whether ``seq``'s memory fits the budget now, after asking ``make_room`` for room
+        held memories take (the memory it continues counts as its own)."""
+        if self.memory_budget is None:
+            return True
+        own = self._held.get(id(seq.request.state), (None, 0))[1]
+        short = self.reserved + self.held_bytes - own + seq.reserved - self.memory_budget
+        if short > 0 and self.make_room is not None and self.held_bytes - own > 0:
+            self.make_room(short)
+            short = self.reserved + self.held_bytes - own + seq.reserved - self.memory_budget
+        return short <= 0
+
+    def _memory_for(self, seq: Sequence):
+        """The memory ``seq`` reads into: the one its request continues (no longer held:
+        its sequence's reservation counts it now), or a fresh one."""
+        req = seq.request
+        if req.state is None:
+            return make_attention_state(
+                req.attention, self.model.args, capacity=req.capacity or len(seq.prompt) + req.max_new_tokens,
+                memory=seq.memory, dtype=self.dtype, device=self.device, kernel=self.kernel)
+        state = req.state if hasattr(req.state, "layers") else req.state()
+        if getattr(state, "length", None) != req.position:
+            raise InfLLMLiteError(f"the memory to continue has read {getattr(state, 'length', None)} tokens, "
+                                  f"the request's position is {req.position}")
+        with self._lock:
+            self._held.pop(id(state), None)
+        return state
+
+    def _refuse(self, seq: Sequence, why: str) -> None:
+        """End a waiting ``seq`` that cannot run; its event is reported by this step."""
+        seq.error = why
+        self._events.append(self._finish(seq, "refused"))
 
     def _prefill(self) -> None:
         budget = self.step_tokens - sum(s.status == DECODE for s in self.running)
@@ -288,11 +372,18 @@ class Engine:
         seq.pieces.append(piece)
         seq.finish_reason = seq.stats.finish_reason = reason
         seq.stats.total_seconds = time.perf_counter() - seq.submitted
-        if seq.state is not None:
+        if seq.state is None and seq.request.keep_state and hasattr(seq.request.state, "layers"):
+            seq.state = seq.request.state  # never admitted: handed back as it was (still held)
+        elif seq.state is not None:
             seq.stats.memory = seq.state.stats()
-            seq.state.close()
-            seq.state = None
             self.reserved -= seq.reserved
+            if seq.request.keep_state:
+                with self._lock:
+                    self._held[id(seq.state)] = (seq.state, self.held_size(seq.state, seq.request.attention,
+                                                                           seq.memory))
+            else:
+                seq.state.close()
+                seq.state = None
         with self._lock:
             if seq in self.running:
                 self.running.remove(seq)

@@ -1,15 +1,19 @@
 """What a caller asks the engine for: a ``Request`` (prompt ids, sampling, stop rules,
-attention mode and memory), checked whole before any work."""
+attention mode and memory, optionally a memory to continue and keep), checked whole before
+any work."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from ..errors import InfLLMLiteError
 from ..memory_config import MemoryConfig
 from ..options import ATTENTION_MODES
 from ..sampling import check_sampling
+
+if TYPE_CHECKING:
+    from ..attention import AttentionState
 
 
 @dataclass(frozen=True)
@@ -40,7 +44,18 @@ class SamplingOptions:
 class Request:
     """One sequence to generate. ``stop_token_ids`` None: the engine's (EOS, end of turn);
     ``memory`` configures ``streaming`` and ``infllm`` (default: ``MemoryConfig.for_model``);
-    the prompt is read in calls of at most ``chunk_size`` tokens."""
+    the prompt is read in calls of at most ``chunk_size`` tokens.
+
+    A conversation's turn continues a memory instead of starting one: ``state`` is an
+    :class:`~infllm_lite.attention.AttentionState` that has read ``position`` tokens (its
+    ``length``), or a callable returning one (called at admission, once the memory fits:
+    a snapshot loaded only then); ``prompt_ids`` are the tokens to read after them, as
+    :func:`~infllm_lite.generate.continue_ids` reads them. ``keep_state`` hands the memory
+    back at the end (``Sequence.state``, still open and still counted against the budget
+    until :meth:`Engine.release <infllm_lite.engine.Engine.release>`) instead of closing
+    it. ``capacity``: tokens a ``full`` memory the engine creates is sized for (default:
+    prompt + ``max_new_tokens``; a conversation's cache is sized once for all its turns).
+    """
 
     prompt_ids: Sequence[int]
     max_new_tokens: int = 256
@@ -51,6 +66,10 @@ class Request:
     memory: MemoryConfig | None = None
     chunk_size: int | None = None  # tokens per prefill call at most (None: memory.chunk_size)
     keep_logits: bool = False  # keep each step's logits (vocab,) in ``Sequence.logits``
+    state: "AttentionState | Callable[[], AttentionState] | None" = None  # a memory to continue
+    position: int = 0  # tokens ``state`` has read
+    capacity: int | None = None  # tokens a new full-attention memory holds
+    keep_state: bool = False  # hand the memory back at the end instead of closing it
 
     def check(self, vocab_size: int) -> None:
         """Refuse what cannot run, with one clear line (an ``InfLLMLiteError``)."""
@@ -78,3 +97,31 @@ class Request:
                                   f"available: {', '.join(ATTENTION_MODES)}")
         if self.memory is not None and not isinstance(self.memory, MemoryConfig):
             raise InfLLMLiteError(f"memory must be a MemoryConfig, got {type(self.memory).__name__}")
+        self._check_continuation()
+
+    def _check_continuation(self) -> None:
+        p, c = self.position, self.capacity
+        if isinstance(p, bool) or not isinstance(p, int) or p < 0:
+            raise InfLLMLiteError(f"position must be an integer >= 0, got {p!r}")
+        if c is not None and (isinstance(c, bool) or not isinstance(c, int) or c < 1):
+            raise InfLLMLiteError(f"capacity must be an integer >= 1, got {c!r}")
+        if not isinstance(self.keep_state, bool):
+            raise InfLLMLiteError(f"keep_state must be True or False, got {self.keep_state!r}")
+        state = self.state
+        if state is None:
+            if p:
+                raise InfLLMLiteError(f"position {p} without a state to continue")
+            return
+        if callable(state) and not hasattr(state, "layers"):
+            return  # a loader: checked when it is called
+        layers = getattr(state, "layers", None)
+        if layers is None or not hasattr(state, "length") or any(layer.state is not state for layer in layers):
+            raise InfLLMLiteError(f"state must be an open attention memory or a callable returning one, "
+                                  f"got {type(state).__name__}{' (closed)' if layers else ''}")
+        if state.length != p:
+            raise InfLLMLiteError(f"the state has read {state.length} tokens, position says {p}")
+        total = p + len(self.prompt_ids) + self.max_new_tokens
+        held = getattr(state, "capacity", None)
+        if self.attention == "full" and held is not None and total > held:
+            raise InfLLMLiteError(f"this memory holds {held} tokens (full attention); {p} are used and "
+                                  f"this request needs {len(self.prompt_ids)} + {self.max_new_tokens} more")

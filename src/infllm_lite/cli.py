@@ -1,5 +1,6 @@
-"""The ``infllm-lite`` command line: generate, convert, demo, eval, chat (the parser and
-thin commands; the demo lives in ``demo.py``, eval's body in ``eval/command.py``)."""
+"""The ``infllm-lite`` command line: generate, convert, demo, eval, chat, serve (the parser
+and thin commands; the demo lives in ``demo.py``, eval's body in ``eval/command.py``,
+serve's in ``server/command.py``)."""
 
 from __future__ import annotations
 
@@ -96,13 +97,17 @@ class _PromptOption(argparse.Action):
 
 
 def _add_batch_options(p: argparse.ArgumentParser) -> None:
-    from .engine import DEFAULT_STEP_TOKENS
     b = p.add_argument_group("batch (several prompts, --prompts-jsonl or --output: one "
                              "continuous-batching engine)")
     b.add_argument("--output", metavar="FILE.jsonl", type=Path, default=None,
                    help="write one JSON line per prompt, in input order: id, index, text, "
                         "finish_reason, stats (the file written whole at the end; its folder must "
                         "exist; default: the answers on stdout)")
+    _add_engine_options(b)
+
+
+def _add_engine_options(b) -> None:
+    from .engine import DEFAULT_STEP_TOKENS
     b.add_argument("--memory-budget", type=_size, default=None, metavar="SIZE",
                    help="attention memory of the sequences running at once (e.g. 4GiB); a prompt "
                         "waits, in arrival order, until its predicted memory fits (default: unlimited)")
@@ -253,7 +258,49 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the summary and plots from the predictions in --out, running nothing")
     _add_memory_options(e)
     _add_model_options(e)
+    _add_serve_parser(sub)
     return parser
+
+
+def _add_serve_parser(sub) -> None:
+    from .server.settings import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_PROMPT_TOKENS, DEFAULT_MAX_QUEUE
+    s = _with_paragraphs(
+        sub, "serve", "an OpenAI-compatible HTTP server, with persistent conversations",
+        "Serve the model over HTTP: GET /v1/models, POST /v1/completions and /v1/chat/completions "
+        "(OpenAI's fields, stream true or false), POST /v1/conversations to keep a conversation's "
+        "attention memory on the server between requests (conversation_id on chat requests, "
+        "DELETE to end it), GET /health and /metrics (Prometheus). Requests run together "
+        "through one continuous-batching engine. Extensions: 'attention' and 'memory' per "
+        "request (defaults below). Needs the serve extra: pip install \"infllm-lite[serve]\".",
+        "With --api-key every endpoint but /health needs 'Authorization: Bearer KEY'; each key "
+        "is a client, and a conversation belongs to the key that created it (others get 404).")
+    s.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 for all)")
+    s.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    s.add_argument("--model-name", metavar="NAME", default=None,
+                   help="the model id clients name (default: the model's folder, file or hub name; "
+                        "SmolLM2-135M-Instruct for the embedded one)")
+    s.add_argument("--attention", default="infllm", choices=ATTENTION_MODES,
+                   help="a request's attention mode unless it names one (default infllm: any length)")
+    s.add_argument("--api-key", action="append", default=None, metavar="KEY",
+                   help="require this bearer key (repeatable: one per client; default: none, open)")
+    s.add_argument("--api-key-file", type=Path, default=None, metavar="FILE",
+                   help="keys, one a line (kept out of the process list; default: none)")
+    s.add_argument("--max-prompt-tokens", type=int, default=DEFAULT_MAX_PROMPT_TOKENS, metavar="N",
+                   help=f"longer prompts get 400 before any work (default {DEFAULT_MAX_PROMPT_TOKENS})")
+    s.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE, metavar="N",
+                   help=f"sequences waiting for memory at most; past it 429 (default {DEFAULT_MAX_QUEUE})")
+    s.add_argument("--max-body-bytes", type=_size, default=DEFAULT_MAX_BODY_BYTES, metavar="SIZE",
+                   help=f"larger request bodies get 413 (default {DEFAULT_MAX_BODY_BYTES >> 20}MiB)")
+    s.add_argument("--snapshot-dir", type=Path, default=None, metavar="DIR",
+                   help="save conversations here: idle ones are evicted to snapshots when the memory "
+                        "budget needs room, and a restart with the same folder keeps them (default: "
+                        "none, conversations in memory only)")
+    s.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
+                   help="uvicorn's log level (default info)")
+    _add_engine_options(s.add_argument_group("engine"))
+    _add_memory_options(s)
+    _add_model_options(s)
 
 
 def _check_memory_args(args, modes: list[str]) -> None:
@@ -461,7 +508,13 @@ def cmd_chat(args) -> None:
     run_chat(session)
 
 
-COMMANDS = {"chat": cmd_chat, "generate": cmd_generate, "convert": cmd_convert, "demo": cmd_demo, "eval": cmd_eval}
+def cmd_serve(args) -> None:
+    from .server.command import run_serve
+    run_serve(args)
+
+
+COMMANDS = {"chat": cmd_chat, "generate": cmd_generate, "convert": cmd_convert, "demo": cmd_demo, "eval": cmd_eval,
+            "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -57,6 +57,14 @@ def test_gradients_flow_through_f_linear(kernel):
     assert layer.weight.grad is not None
 
 
+def test_other_dtypes_keep_the_few_row_product(kernel):
+    layer = Linear(16, 8).to(torch.bfloat16)
+    x = torch.randn(3, 16, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        expected = (layer.weight @ x.T).T + layer.bias
+        assert torch.equal(layer(x), expected)
+
+
 def test_an_unknown_kernel_is_refused(monkeypatch):
     with pytest.raises(InfLLMLiteError, match="unknown CPU linear kernel"):
         set_cpu_linear_kernel("fast")

@@ -1,8 +1,8 @@
 """``Linear``: ``nn.Linear`` (same parameters, same state-dict names) whose CPU products
 run on a weight packed once for oneDNN, where a probe finds that faster.
 
-Decoding multiplies a few rows (one per sequence) by every weight. The CPU's BLAS repacks the weight on
-every call of ``x · Wᵀ`` and slows down past one row; oneDNN's inner product on a weight
+Decoding multiplies a few rows (one per sequence) by every weight. The CPU's BLAS repacks
+the weight on every call of ``x · Wᵀ`` and slows down past one row; oneDNN's inner product on a weight
 reordered once into its blocked layout streams it as it is. Measured on this machine
 (AMD EPYC, AVX-512, one thread, 90 weights of 1536 × 576 so none stays in cache): 1 row
 36 ms (``F.linear``) against 22 (oneDNN), 8 rows 57 against 21, a 512-row prefill chunk
@@ -14,9 +14,9 @@ Which kernel runs is resolved once per process (:func:`cpu_linear_kernel`): a sh
 probe on the first CPU product, or ``INFLLM_LITE_CPU_LINEAR=onednn|blas`` (``blas``:
 ``W · xᵀ``, what ran before oneDNN; its rows are not independent to the bit). The packed
 copy is made on a weight's first product and remade when the weight changes; it costs
-one more copy of the weights in memory. Gradients, ``torch.compile`` and other devices
-take ``F.linear``; so do products over more than ``FEW_ROWS`` rows (prefill), which
-stay bit for bit what they were (oneDNN is 2.4x faster there too, but its summation
+one more copy of the weights in memory. Gradients, ``torch.compile`` and other dtypes
+take ``W · xᵀ`` as before; other devices ``F.linear``, and so do products over more
+than ``FEW_ROWS`` rows (prefill), which stay bit for bit what they were (oneDNN is 2.4x faster there too, but its summation
 order moves the embedded model's logits up to 1.5e-4 from transformers' on a 300-token
 prompt, past the parity tests' 1e-4).
 """
@@ -68,23 +68,25 @@ def _probe() -> str:
     return "onednn"
 
 
+def _checked(kernel: str, where: str) -> str:
+    if kernel not in CPU_LINEAR_KERNELS:
+        raise InfLLMLiteError(f"{where}: choose one of {', '.join(CPU_LINEAR_KERNELS)}")
+    return kernel
+
+
 def cpu_linear_kernel() -> str:
     """The CPU product kernel of this process: ``onednn`` or ``blas`` (see the module)."""
     global _chosen
     if _chosen is None:
         forced = os.environ.get(_ENV)
-        if forced is not None and forced not in CPU_LINEAR_KERNELS:
-            raise InfLLMLiteError(f"{_ENV}={forced!r}: choose one of {', '.join(CPU_LINEAR_KERNELS)}")
-        _chosen = forced or _probe()
+        _chosen = _probe() if forced is None else _checked(forced, f"{_ENV}={forced!r}")
     return _chosen
 
 
 def set_cpu_linear_kernel(kernel: str | None) -> None:
     """Choose the CPU product kernel (``onednn`` / ``blas``), or None to probe again."""
     global _chosen
-    if kernel is not None and kernel not in CPU_LINEAR_KERNELS:
-        raise InfLLMLiteError(f"unknown CPU linear kernel {kernel!r}; choose one of {', '.join(CPU_LINEAR_KERNELS)}")
-    _chosen = kernel
+    _chosen = None if kernel is None else _checked(kernel, f"unknown CPU linear kernel {kernel!r}")
 
 
 class Linear(nn.Linear):
@@ -92,15 +94,18 @@ class Linear(nn.Linear):
     _packed_from: tuple | None = None  # (data_ptr, version) of the weight it was packed from
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight
-        if (x.numel() > FEW_ROWS * x.shape[-1] or x.device.type != "cpu"
-                or w.dtype != torch.float32 or x.dtype != torch.float32
-                or (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))
-                or torch.compiler.is_compiling()):
-            return F.linear(x, w, self.bias)
-        if cpu_linear_kernel() == "onednn":
+        if x.device.type != "cpu" or x.numel() > FEW_ROWS * x.shape[-1]:
+            return F.linear(x, self.weight, self.bias)
+        if self._onednn_applies(x):
             return _onednn(x, self.packed_weight(), self.bias)
         return self._few_rows_blas(x)
+
+    def _onednn_applies(self, x: torch.Tensor) -> bool:
+        """float32 inference outside ``torch.compile``, on a machine that chose oneDNN."""
+        w = self.weight
+        return (w.dtype == x.dtype == torch.float32
+                and not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))
+                and not torch.compiler.is_compiling() and cpu_linear_kernel() == "onednn")
 
     def _few_rows_blas(self, x: torch.Tensor) -> torch.Tensor:
         """``W · xᵀ``: BLAS's ``x · Wᵀ`` packs the whole weight past one row (the LM head

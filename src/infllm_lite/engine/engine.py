@@ -275,10 +275,14 @@ class Engine:
         if self.memory_budget is None:
             return True
         own = self._held.get(id(seq.request.state), (None, 0))[1]
-        short = self.reserved + self.held_bytes - own + seq.reserved - self.memory_budget
-        if short > 0 and self.make_room is not None and self.held_bytes - own > 0:
+
+        def shortfall() -> int:  # bytes past the budget if seq were admitted now
+            return self.reserved + self.held_bytes - own + seq.reserved - self.memory_budget
+
+        short = shortfall()
+        if short > 0 and self.make_room is not None and self.held_bytes > own:
             self.make_room(short)
-            short = self.reserved + self.held_bytes - own + seq.reserved - self.memory_budget
+            short = shortfall()
         return short <= 0
 
     def _memory_for(self, seq: Sequence):

@@ -175,10 +175,6 @@ class Engine:
                 f"this request needs {needed / 2**20:.1f} MiB of attention memory "
                 f"({request.attention}, {len(request.prompt_ids)} prompt + {request.max_new_tokens} "
                 f"new tokens), more than the engine's whole budget of {self.memory_budget / 2**20:.1f} MiB")
-        if request.capacity is not None and request.attention == "full" and request.state is None \
-                and len(request.prompt_ids) + request.max_new_tokens > request.capacity:
-            raise InfLLMLiteError(f"capacity {request.capacity} is less than the prompt's {len(request.prompt_ids)} "
-                                  f"tokens + {request.max_new_tokens} new ones")
         if request.stop and self.tokenizer is None:
             raise InfLLMLiteError("stop strings need an engine with a tokenizer")
         stop_ids = self.stop_token_ids if request.stop_token_ids is None else frozenset(request.stop_token_ids)

@@ -111,6 +111,9 @@ class Request:
         if state is None:
             if p:
                 raise InfLLMLiteError(f"position {p} without a state to continue")
+            if c is not None and self.attention == "full" and len(self.prompt_ids) + self.max_new_tokens > c:
+                raise InfLLMLiteError(f"capacity {c} is less than the prompt's {len(self.prompt_ids)} "
+                                      f"tokens + {self.max_new_tokens} new ones")
             return
         if callable(state) and not hasattr(state, "layers"):
             return  # a loader: checked when it is called

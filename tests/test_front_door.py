@@ -355,7 +355,7 @@ def test_rouge_is_an_eval_extra_and_make_install_includes_it():
     assert not [d for d in project["dependencies"] if d.startswith("rouge")]
     assert sorted(re.split(r"[<>=]", d)[0] for d in project["optional-dependencies"]["eval"]) == [
         "rouge", "rouge-score"]
-    assert '-e ".[dev,reference,eval]"' in (ROOT / "Makefile").read_text()
+    assert '-e ".[dev,reference,eval,serve]"' in (ROOT / "Makefile").read_text()
 
 
 def test_scaling_bench_uses_the_one_length_parser():

@@ -74,6 +74,24 @@ def test_every_sequence_of_a_batch_decodes_as_it_does_alone(tiny, mode, lengths,
     assert engine.reserved == 0 and not engine.running
 
 
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(modes=st.lists(st.sampled_from(["full", "streaming", "infllm"]), min_size=2, max_size=6),
+       lengths=st.lists(st.integers(1, 80), min_size=6, max_size=6), seed=st.integers(0, 2**16))
+def test_a_batch_of_mixed_modes_decodes_each_sequence_as_alone(tiny, modes, lengths, seed):
+    """Sequences of different attention modes in one step (each mode's layers take their
+    rows of the batch together): each gives its tokens alone, logits within 1e-4."""
+    model, _ = tiny
+    g = torch.Generator().manual_seed(seed)
+    reqs = [request(torch.randint(3, 49152, (n,), generator=g).tolist(), mode, keep_logits=True)
+            for mode, n in zip(modes, lengths)]
+    batched = run(Engine(model, step_tokens=512, attention_kernel=KERNEL), [(0, r) for r in reqs])
+    for req, seq in zip(reqs, batched):
+        solo = alone(model, req)
+        assert seq.token_ids == solo.token_ids
+        for a, b in zip(seq.logits, solo.logits):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("mode", ["full", "infllm"])
 def test_the_embedded_model_batched_equals_alone(smollm, mode):
     """The real model, the CPU's default kernel, prompts across the 512-token window (blocks

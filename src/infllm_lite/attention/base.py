@@ -35,6 +35,20 @@ class LayerAttention:
         """
         raise NotImplementedError
 
+    @classmethod
+    def attend_many(cls, layers: list["LayerAttention"], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                    rope: "RotaryEmbedding") -> torch.Tensor:
+        """One layer of B sequences in one model step, ``layers[b]`` the memory of sequence
+        ``b`` (all of this class, each of batch size 1): row ``b`` of q (B, H, T, d) and k/v
+        (B, Hkv, T, d), with positions (B, T) and cos/sin (B, T, d), goes to ``layers[b]``,
+        and row ``b`` of the output (B, H, T, d) is exactly what ``layers[b].attend`` gives
+        alone. This default calls each layer in turn; a memory overrides it to share the
+        batch's work (one RoPE over the batch, ...)."""
+        outs = [layer.attend(q[b:b + 1], k[b:b + 1], v[b:b + 1], positions[b], cos[b], sin[b], rope)
+                for b, layer in enumerate(layers)]  # each (1, H, T, d)
+        return torch.cat(outs, dim=0)
+
     def export(self) -> tuple[dict[str, torch.Tensor], dict]:
         """This layer's memory for a snapshot: tensors, and JSON-able host-side values."""
         raise NotImplementedError

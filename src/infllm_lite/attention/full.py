@@ -32,6 +32,8 @@ class FullLayerAttention(LayerAttention):
 
     def attend(self, q, k, v, positions, cos, sin, rope):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self._decodes(q):
+            return self._decode(q, k, v)
         if self.state.static:
             self.k.index_copy_(2, positions, k)
             self.v.index_copy_(2, positions, v)
@@ -43,13 +45,34 @@ class FullLayerAttention(LayerAttention):
         first = 0 if self.window is None else max(0, start - self.window + 1)
         if start == 0 and self.window is None:
             return causal_attention(q, k, v, positions, positions)
-        if self.window is None and q.shape[-2] == 1:  # a decode step sees every cached key
-            return one_query_attention(q, self.k[:, :, :end], self.v[:, :, :end])
         if self.window is None and q.shape[-2] > 1 and q.device.type == "cpu":
             return prefix_causal_attention(q, self.k[:, :, :start], self.v[:, :, :start], k, v)
         return causal_attention(q, self.k[:, :, first:end], self.v[:, :, first:end],
                                 positions, self.state.slots[first:end], self.window)
 
+    def _decodes(self, q: torch.Tensor) -> bool:
+        """Whether this call is a decode step that sees every cached key (one query, no
+        sliding window, the eager cache)."""
+        return q.shape[-2] == 1 and self.window is None and not self.state.static
+
+    def _decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Store one rotated key/value (B, Hkv, 1, d) and attend every cached key with the
+        rotated query (B, H, 1, d)."""
+        end = self.state.length + 1  # (the model's ``state.positions`` refused a full cache)
+        self.k[:, :, end - 1:end] = k
+        self.v[:, :, end - 1:end] = v
+        return one_query_attention(q, self.k[:, :, :end], self.v[:, :, :end])
+
+    @classmethod
+    def attend_many(cls, layers, q, k, v, positions, cos, sin, rope):
+        """Decode steps of B sequences: one RoPE over the batch (elementwise, so each row's
+        numbers are its own step's), then each sequence's cache; anything else goes through
+        each layer's own ``attend``."""
+        if not all(layer._decodes(q) for layer in layers):
+            return super().attend_many(layers, q, k, v, positions, cos, sin, rope)
+        cos, sin = cos[:, None], sin[:, None]  # (B, 1, 1, d): broadcast over heads
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return torch.cat([layer._decode(q[b:b + 1], k[b:b + 1], v[b:b + 1]) for b, layer in enumerate(layers)])
 
     def export(self):
         n = self.state.length

@@ -20,19 +20,29 @@ from .base import AttentionState, LayerAttention
 
 class RaggedLayer(LayerAttention):
     """Layer ``index`` of every sequence in the batch (no reference back to the batch: no
-    cycle keeps the memories alive after the step)."""
+    cycle keeps the memories alive after the step). The sequences whose memories are of one
+    kind go to that kind's :meth:`~.base.LayerAttention.attend_many` together."""
 
     state = None
 
     def __init__(self, states: list[AttentionState], index: int):
         self.states, self.index = states, index
+        kinds: dict[type, list[int]] = {}
+        for b, state in enumerate(states):
+            kinds.setdefault(type(state.layers[index]), []).append(b)
+        self.groups = [(kind, rows, torch.tensor(rows)) for kind, rows in kinds.items()]
 
     def attend(self, q, k, v, positions, cos, sin, rope):
         """q: (B, H, T, d), k/v: (B, Hkv, T, d), positions: (B, T), cos/sin: (B, T, d)."""
-        outs = [state.layers[self.index].attend(q[b:b + 1], k[b:b + 1], v[b:b + 1], positions[b],
-                                                cos[b], sin[b], rope)
-                for b, state in enumerate(self.states)]  # each (1, H, T, d)
-        return torch.cat(outs, dim=0)
+        layers = [state.layers[self.index] for state in self.states]
+        if len(self.groups) == 1:
+            return self.groups[0][0].attend_many(layers, q, k, v, positions, cos, sin, rope)
+        out = torch.empty_like(q)  # (B, H, T, d)
+        for kind, rows, index in self.groups:
+            index = index.to(q.device)
+            out[index] = kind.attend_many([layers[b] for b in rows], q[index], k[index], v[index],
+                                          positions[index], cos[index], sin[index], rope)
+        return out
 
 
 class RaggedBatch:

@@ -7,7 +7,8 @@ the memory's host-side values, a CRC-32 of every tensor, and what the caller add
 (``extra``: a chat's messages, say). Loading refuses, with a clear error, a file that is
 not a snapshot, a truncated or corrupt one, a newer format, another model, or a memory
 config that would change what the memory holds (placement options, ``max_host_bytes`` and
-``offload_dir``, and ``chunk_size`` may differ).
+``offload_dir``, and ``chunk_size`` may differ). Under tensor parallelism each rank saves
+its own file (its heads' memory); a file is refused by another rank or world size.
 
     save_snapshot("doc.snap", state, model=model, mode="infllm", memory=memory, tokens=ids)
     snap = load_snapshot("doc.snap", model)      # snap.state continues the generation
@@ -113,6 +114,16 @@ def _check_model(path: Path, header: dict, model) -> None:
     saved, now = header["model"], model_identity(model)
     if saved == now:
         return
+    # tensor parallelism (infllm_lite.parallel): a rank's snapshot holds its heads only
+    was = (saved["args"].get("tp_rank", 0), saved["args"].get("tp_world_size", 1))
+    is_ = (now["args"].get("tp_rank", 0), now["args"].get("tp_world_size", 1))
+    if was[1] != is_[1]:
+        raise InfLLMLiteError(f"{path} was saved by rank {was[0]} of a tensor-parallel world of {was[1]} "
+                              f"process(es); this model runs in a world of {is_[1]}: load it with the "
+                              "world size that saved it")
+    if was[0] != is_[0]:
+        raise InfLLMLiteError(f"{path} holds rank {was[0]}'s heads; this is rank {is_[0]}: each rank "
+                              "loads the snapshot it saved")
     differ = [k for k in sorted(set(saved["args"]) | set(now["args"]))
               if saved["args"].get(k) != now["args"].get(k)]
     what = (f"its config differs in {', '.join(differ[:6])}" if differ

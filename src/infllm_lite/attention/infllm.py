@@ -243,6 +243,8 @@ class InfLLMLayerAttention(LayerAttention):
                 scores = block_scores(q_mean, self.block_repr, n)  # (1, n)
             else:  # block_scores' torch twin without its checks: the same bmm, the same numbers
                 scores = torch.bmm(self.block_repr[:, :n], q_mean[:, :, None])[..., 0]
+            if self.state.score_reduce is not None:  # this rank's heads' part: summed over ranks
+                scores = self.state.score_reduce(scores)
             chosen = scores[0].topk(topk).indices
         chosen, slots = self.pool.ensure_resident_slots(chosen)  # page-table lookup, loads the misses
         block_k, block_v = self._one_selected.update(chosen, slots)
@@ -298,7 +300,12 @@ class InfLLMLayerAttention(LayerAttention):
 
     def _select(self, q_far: torch.Tensor) -> torch.Tensor | None:
         """(B, k) indices of the blocks this chunk attends (SPEC §6); None if none."""
-        return select_blocks(q_far, self.block_repr, self.n_blocks, self.cfg.topk)
+        reduce, n, topk = self.state.score_reduce, self.n_blocks, self.cfg.topk
+        if reduce is None or n <= topk or topk == 0:
+            return select_blocks(q_far, self.block_repr, n, topk)
+        # tensor parallel: q̄ · repr over this rank's heads, summed over the ranks' heads
+        q_mean = q_far.float().mean(dim=2).reshape(q_far.shape[0], -1)  # (B, H_rank·d)
+        return reduce(block_scores(q_mean, self.block_repr, n)).topk(topk, dim=-1).indices
 
     def _form_blocks(self, e: int) -> None:
         """Form every block that has left the window (SPEC §3), all at once."""
@@ -370,6 +377,10 @@ class InfLLMState(AttentionState):
                                      else max(1, config.max_host_bytes // args.n_layers))
         self._geometry_key, self._geometry = None, None
         self.one_query = True  # single-query chunks of batch 1 take the decode step's path
+        # Tensor parallelism (infllm_lite.parallel): a rank holds only its heads, and this
+        # callable sums a chunk's (B, n_blocks) block scores over the ranks (one all_reduce
+        # per chunk and layer) so every rank selects the same blocks. None: one process.
+        self.score_reduce = getattr(args, "score_reduce", None)
         self._rotation_key, self._rotation = None, None
         self.layers = [InfLLMLayerAttention(self, args) for _ in range(args.n_layers)]
 

@@ -71,15 +71,36 @@ def _load_file(path: Path) -> dict[str, torch.Tensor]:
         ) from e
 
 
-def read_hf_state_dict(folder: str | os.PathLike, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+def _read_taking(path: Path, take) -> dict[str, torch.Tensor]:
+    """``take(name, opened)`` of every tensor of the file (``opened``: its ``safe_open``
+    handle, so that ``take`` may read a slice only)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as opened:
+            return {name: take(name, opened) for name in opened.keys()}
+    except Exception as e:  # SafetensorError, OSError, ...: one line naming the file
+        if isinstance(e, InfLLMLiteError):
+            raise
+        raise InfLLMLiteError(
+            f"{path} is not a readable safetensors file, probably truncated or corrupt ({e}): download it again"
+        ) from e
+
+
+def read_hf_state_dict(folder: str | os.PathLike, dtype: torch.dtype | None = None, *,
+                       take=None) -> dict[str, torch.Tensor]:
     """All tensors of the folder's safetensors file(s), under their stored (HF) names.
 
     ``dtype``: cast floating-point tensors to it (integer tensors are left alone).
+    ``take(name, opened)``: what to keep of each tensor, read from the file's ``safe_open``
+    handle (``opened.get_slice(name)[a:b]`` reads only those rows: tensor parallelism
+    loads its shard this way, never the whole checkpoint); default: the whole tensor.
     """
     folder = _check_folder(folder)
     state_dict: dict[str, torch.Tensor] = {}
     for shard in _shards(folder):
-        for name, tensor in _load_file(shard).items():
+        tensors = _load_file(shard) if take is None else _read_taking(shard, take)
+        for name, tensor in tensors.items():
             if name in state_dict:
                 raise InfLLMLiteError(f"{folder}: tensor {name} is stored twice (again in {shard.name})")
             if dtype is not None and tensor.is_floating_point():

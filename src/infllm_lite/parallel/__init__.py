@@ -1,0 +1,16 @@
+"""Tensor parallelism and sharded evaluation on ``torch.distributed`` (``torchrun``).
+
+* :mod:`.group`: the process group (NCCL on CUDA, gloo on the CPU), collectives with
+  timeouts;
+* :mod:`.plan`: which tensor splits on which axis, the per-rank :class:`ShardedArgs`;
+* :mod:`.sharded_load`: a rank's shard of a checkpoint, read slice by slice;
+* :mod:`.model`: the tensor-parallel model (explicit split + ``all_reduce``), ``load_tp_model``.
+"""
+
+from .group import all_reduce_sum, backend_for, init_distributed, launched_distributed, rank_device
+from .model import TensorParallel, build_tp_model, load_tp_model, shard_model
+from .plan import ShardedArgs, check_divisible, local_args
+
+__all__ = ["ShardedArgs", "TensorParallel", "all_reduce_sum", "backend_for", "build_tp_model",
+           "check_divisible", "init_distributed", "launched_distributed", "load_tp_model", "local_args",
+           "rank_device", "shard_model"]

@@ -175,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print speed and memory-tier counters to stderr when done (a batch: the "
                         "engine's summary line)")
     _add_batch_options(g)
+    g.add_argument("--tensor-parallel", action="store_true",
+                   help="under torchrun --nproc-per-node N: split the model's heads and MLP over the N "
+                        "processes (NCCL on CUDA, gloo on the CPU); rank 0 prints")
 
     c = sub.add_parser("convert", help="convert a GGUF file into a Hugging Face model folder",
                        description="Dequantize a GGUF checkpoint into config.json, model.safetensors "
@@ -418,6 +421,9 @@ def cmd_generate(args) -> None:
     _check_memory_args(args, [args.attention])
     entries = _read_prompts(args)
     _check_batch_args(args, entries)
+    if args.tensor_parallel:
+        from .parallel.launch import check_tensor_parallel_args
+        check_tensor_parallel_args(args, batch=_is_batch(args, entries))
     model, tokenizer = load_from_args(args)
     options = dict(max_new_tokens=args.max_new_tokens, memory=memory_config_from_args(args, model),
                    attention=args.attention, temperature=args.temperature, top_p=args.top_p,

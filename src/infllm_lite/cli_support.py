@@ -97,6 +97,9 @@ def load_from_args(args):
 
     from .loading import load_model
     dtype = getattr(torch, args.dtype) if args.dtype else None
+    if getattr(args, "tensor_parallel", False):  # under torchrun: this rank's shard
+        from .parallel.launch import load_tensor_parallel
+        return load_tensor_parallel(args, dtype)
     return load_model(args.model, dtype=dtype, device=args.device)
 
 

@@ -1,5 +1,7 @@
 """``infllm-lite eval`` from its parsed command line: the plan, the checks before any
-work, the run and the lines it prints (the parser itself is in ``cli.py``)."""
+work, the run and the lines it prints (the parser itself is in ``cli.py``). Under
+``torchrun`` with more than one process it runs data parallel
+(:mod:`infllm_lite.parallel.data`); rank 0 prints."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ from pathlib import Path
 
 from ..cli_support import load_from_args, memory_config_from_args, parse_max_len
 from ..options import parse_lengths
+from ..parallel.group import launched_distributed
 from .plan import EvalPlan
 from .runner import PREDICTIONS, report_only, run_eval
 
@@ -28,9 +31,16 @@ def run_eval_command(args) -> None:
         return
     plan.check_scorers()
     plan.load_data()
+    shard = None
+    if launched_distributed():  # under torchrun: data parallel, each rank a whole model
+        from ..parallel.data import join_eval
+        shard, args.device = join_eval(args.device)
     model, tokenizer = load_from_args(args)
     plan.memory = memory_config_from_args(args, model)
-    summary = run_eval(model, tokenizer, plan, out, plots=not args.no_plots)
+    summary = run_eval(model, tokenizer, plan, out, plots=not args.no_plots, shard=shard,
+                       progress=shard is None or shard.rank == 0)
+    if summary is None:  # another rank than 0: rank 0 merged and reported
+        return
     print(summary["table"])
     print(written_line(out, [PREDICTIONS, *summary["files"]]))
 

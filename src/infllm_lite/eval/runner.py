@@ -12,11 +12,20 @@ files (the first ``samples`` records), and a length there is a truncation limit.
 mode's limit are truncated the reference's way (:func:`truncate_ids`): by default full
 attention keeps to the model's native window, as the reference's baselines do, and the
 memory modes read everything.
+
+Data parallel (``shard``, an :class:`infllm_lite.parallel.data.EvalShard`: ``torchrun
+--nproc-per-node N -m infllm_lite eval ...``): each rank holds a whole model and answers
+the samples whose index in the run's order is its rank modulo N (every mode of a sample
+on one rank), appending to its own ``predictions.rankR-of-N.jsonl``; when all are done
+rank 0 merges them into ``predictions.jsonl`` in the order one process writes it, removes
+them, and writes the report. Resuming reads every rank file there, whatever world size
+wrote it, so a run may resume at another world size.
 """
 
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 from typing import Iterator
 
@@ -53,12 +62,18 @@ def sample_seed(seed: int, length: int, depth_index: int) -> int:
 
 def iter_samples(plan: EvalPlan, tokenizer, task: str, length: int | None) -> Iterator[EvalSample]:
     """The samples of one task at one length (generated lazily: a 32K prompt takes a while)."""
+    for make in sample_makers(plan, tokenizer, task, length):
+        yield make()
+
+
+def sample_makers(plan: EvalPlan, tokenizer, task: str, length: int | None) -> list:
+    """One callable per sample of one task at one length, making it (a generated sample
+    is built only when called: a data-parallel rank builds only its own)."""
     if plan.generated(task):
-        for i, depth in enumerate(depths(plan.samples)):
-            yield make_synthetic_sample(task, tokenizer, length, depth, sample_seed(plan.seed, length, i))
-        return
+        return [partial(make_synthetic_sample, task, tokenizer, length, depth, sample_seed(plan.seed, length, i))
+                for i, depth in enumerate(depths(plan.samples))]
     records = plan.load_data()[task]
-    yield from records[:plan.samples] if plan.samples is not None else records
+    return [partial(lambda r: r, r) for r in (records[:plan.samples] if plan.samples is not None else records)]
 
 
 def prompt_ids(tokenizer, spec: TaskSpec, sample: EvalSample) -> list[int]:
@@ -103,22 +118,43 @@ def read_predictions(path: Path) -> list[dict]:
                                      advice="; remove it or use another output folder")]
 
 
+def _repair(path: Path) -> list[dict]:
+    """The records of a predictions file, rewritten whole if a killed run left a torn last
+    line (so new lines append cleanly)."""
+    records = read_predictions(path)
+    if path.is_file() and not path.read_bytes().endswith(b"\n") and path.stat().st_size:
+        write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    return records
+
+
+def rank_files(out: Path) -> list[Path]:
+    """The data-parallel ranks' prediction files not yet merged, of any world size."""
+    return sorted(out.glob("predictions.rank*-of-*.jsonl"))
+
+
 def run_eval(model, tokenizer, plan: EvalPlan, out_dir: str | Path, *, progress: bool = True,
-             plots: bool = True) -> dict:
+             plots: bool = True, shard=None) -> dict | None:
     """Run ``plan`` (skipping predictions already in ``out_dir``), write the summary, the
-    markdown table and the plots there, and return the summary."""
+    markdown table and the plots there, and return the summary. ``shard``: this rank's
+    share of a data-parallel run (module docstring); ranks other than 0 return None."""
     plan.check()
     plan.check_scorers()
     plan.load_data()
     out = Path(out_dir)
-    with writing(out):
-        out.mkdir(parents=True, exist_ok=True)
-    path = out / PREDICTIONS
-    _check_settings(out, plan, model)
-    records = read_predictions(path)
-    if path.is_file() and not path.read_bytes().endswith(b"\n") and path.stat().st_size:
-        # killed mid-line: rewrite the whole records so new lines append cleanly
-        write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    lead = shard is None or shard.rank == 0
+    if lead:
+        with writing(out):
+            out.mkdir(parents=True, exist_ok=True)
+        _check_settings(out, plan, model)
+        _repair(out / PREDICTIONS)
+    if shard is not None:
+        shard.barrier()  # the folder, settings and merged file are ready
+        if not lead:
+            _check_settings(out, plan, model)
+    path = out / PREDICTIONS if shard is None else out / shard.file_name
+    records = (_repair(path) if shard is None else
+               [r for f in [out / PREDICTIONS, *rank_files(out)]
+                for r in (_repair(f) if f == path else read_predictions(f))])
     done = {record_key(r["task"], r["length"], r["mode"], r["id"]) for r in records}
     native = model.args.max_position_embeddings
     lengths = plan.lengths or [None]
@@ -128,11 +164,16 @@ def run_eval(model, tokenizer, plan: EvalPlan, out_dir: str | Path, *, progress:
                    and r["length"] in lengths))
     with writing(path):
         sink = path.open("a", encoding="utf-8")
+    unit = -1  # the sample's index in the run's order: which rank answers it
     with sink:
         for length in lengths:  # shortest first: an interrupted run has every task's short cells
             for task in plan.tasks:
                 spec = get_task(task)
-                for sample in iter_samples(plan, tokenizer, task, length):
+                for make in sample_makers(plan, tokenizer, task, length):
+                    unit += 1
+                    if shard is not None and unit % shard.world_size != shard.rank:
+                        continue
+                    sample = make()
                     todo = [m for m in plan.modes if record_key(task, length, m, sample.id) not in done]
                     if not todo:
                         continue
@@ -151,14 +192,44 @@ def run_eval(model, tokenizer, plan: EvalPlan, out_dir: str | Path, *, progress:
                                       truncated=len(used) < len(ids), **measured,
                                       **{k: v for k, v in sample.meta.items()
                                          if k in ("depth", "seed", "needle_token")})
+                        if shard is not None:
+                            record["unit"] = unit  # the merge's order; dropped there
                         with writing(path):
                             sink.write(json.dumps(record, ensure_ascii=False) + "\n")
                             sink.flush()
                         records.append(record)
                         done.add(record_key(task, length, mode, sample.id))
-                        bar.update(1)
+                        bar.update(shard.world_size if shard is not None else 1)
     bar.close()
+    if shard is not None:
+        shard.wait_for_all()  # every rank's answers are written
+        if not lead:
+            return None
+        merge_rank_files(out, plan)
     return report_only(plan, out, plots=plots)
+
+
+def merge_rank_files(out: Path, plan: EvalPlan) -> None:
+    """Append the ranks' new records to ``predictions.jsonl`` in the order one process
+    writes them (sample index, then the plan's mode order), then remove the rank files."""
+    path, files = out / PREDICTIONS, rank_files(out)
+    merged = read_predictions(path)
+    keys = {record_key(r["task"], r["length"], r["mode"], r["id"]) for r in merged}
+    new = []
+    for f in files:
+        for r in read_predictions(f):
+            key = record_key(r["task"], r["length"], r["mode"], r["id"])
+            if key not in keys:  # a crash after a merge left its rank files: skip what is merged
+                keys.add(key)
+                new.append(r)
+    modes = {m: i for i, m in enumerate(plan.modes)}
+    new.sort(key=lambda r: (r.get("unit", -1), modes.get(r["mode"], len(modes))))
+    for r in new:
+        r.pop("unit", None)
+    write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in merged + new))
+    for f in files:
+        with writing(f):
+            f.unlink()
 
 
 def report_only(plan: EvalPlan, out_dir: str | Path, *, plots: bool = True) -> dict:

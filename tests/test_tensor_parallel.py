@@ -6,7 +6,8 @@ Llama (GQA, every bias) and Qwen2 checkpoints and runs every check, writing what
 to a file; the tests compare that with the same checks in this (single) process: logits
 within 1e-5, the same greedy tokens for full and infllm attention, the same blocks
 selected by every layer at every chunk on both ranks and here; a snapshot refused at
-another world size; the embedded model (9 heads, 3 KV heads) refused over 2 ranks; and a
+another world size; the embedded model (9 heads, 3 KV heads) refused over 2 ranks (and
+equal to one process over 3, under torchrun); and a
 rank that dies, or hangs past the collective timeout, makes the other exit with an
 error instead of hanging.
 """
@@ -268,15 +269,57 @@ def test_a_dead_rank_stops_the_others_with_an_error(spawned):
     assert found["seconds"] < 60
 
 
+EMBEDDED_MEMORY = MemoryConfig(n_init=4, n_local=64, block_size=16, topk=2, exc_block_size=32, max_cached_blocks=4)
+
+
+def embedded_checks(model) -> dict:
+    from infllm_lite.generate import generate_ids
+    ids = torch.randint(0, model.args.vocab_size, (1, 300), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        logits = model(ids)
+    return dict(logits=logits, infllm=list(generate_ids(model, ids[0].tolist(), max_new_tokens=6, attention="infllm",
+                                                         memory=EMBEDDED_MEMORY, attention_kernel="window-eager")))
+
+
+def embedded_worker(out: Path) -> None:
+    import torch.distributed as dist
+
+    from infllm_lite.parallel import load_tp_model
+    torch.set_num_threads(1)
+    model, _ = load_tp_model(None, progress=False)
+    found = embedded_checks(model)
+    if dist.get_rank() == 0:
+        torch.save(found, out)
+    dist.destroy_process_group()
+
+
+def test_embedded_model_over_three_ranks_equals_one_process(smollm, tmp_path):
+    """SmolLM2-135M: 9 heads, 3 KV heads, 1536 MLP columns: 3 ranks of 3, 1 and 512."""
+    out = tmp_path / "embedded.pt"
+    done = torchrun([], nproc=3, script=[__file__, "--embedded-worker", str(out)])
+    assert done.returncode == 0, done.stderr[-3000:]
+    model, _ = smollm
+    want, got = embedded_checks(model), torch.load(out)
+    # 30 layers of float32 sums reassociated by the split: measured at most 5e-5 apart on
+    # logits up to 34 (1.5e-6 of their range), over 1e-5 for about 1 logit in 10^4
+    torch.testing.assert_close(got["logits"], want["logits"], atol=1e-4, rtol=1e-5)
+    assert got["infllm"] == want["infllm"]
+
+
 if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:
     worker(Path(sys.argv[2]), [Path(p) for p in sys.argv[3:]])
+if __name__ == "__main__" and sys.argv[1:2] == ["--embedded-worker"]:
+    embedded_worker(Path(sys.argv[2]))
 
 
 # ---------------------------------------------------------------------------- under torchrun
-def torchrun(args: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
-    """``torchrun --nproc-per-node 2 -m infllm_lite ARGS`` on a free localhost port."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(WORLD),
-           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "infllm_lite", *args]
+def torchrun(args: list[str], timeout: float = 120, nproc: int = WORLD,
+             script: list[str] | None = None) -> subprocess.CompletedProcess:
+    """``torchrun --nproc-per-node 2 -m infllm_lite ARGS`` (or ``SCRIPT...``) on a free
+    localhost port."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+           "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+           *(script if script is not None else ["-m", "infllm_lite", *args])]
     env = dict(os.environ, OMP_NUM_THREADS="1", INFLLM_LITE_DIST_TIMEOUT="60", INFLLM_LITE_EVAL_WAIT="60")
     try:
         return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)

@@ -269,6 +269,44 @@ def test_a_dead_rank_stops_the_others_with_an_error(spawned):
     assert found["seconds"] < 60
 
 
+class FakeShard:
+    """A data-parallel rank run in this process: the ranks run one after another, so the
+    barriers have nothing to wait for."""
+
+    def __init__(self, rank: int, world_size: int):
+        self.rank, self.world_size = rank, world_size
+        self.file_name = f"predictions.rank{rank}-of-{world_size}.jsonl"
+
+    def barrier(self):
+        pass
+
+    def wait_for_all(self):
+        pass
+
+
+def test_data_parallel_merge_and_resume_at_another_world_size(tiny, tmp_path):
+    """The merge's order is one process's, whatever world size wrote the rank files, and a
+    run resumed at another world size answers only what is missing."""
+    from infllm_lite.eval.runner import PREDICTIONS, EvalPlan, run_eval
+    model, tokenizer = tiny
+    plan = dict(tasks=["passkey", "kv_retrieval"], modes=["infllm", "full"], lengths=[300], samples=3,
+                memory=EMBEDDED_MEMORY, attention_kernel="window-eager")
+    run_eval(model, tokenizer, EvalPlan(**plan), tmp_path / "one", progress=False, plots=False)
+    two = tmp_path / "two"
+    two.mkdir()  # rank 0 makes it before the others start
+    # an interrupted 3-rank run: only rank 2 finished its samples (units 2 and 5)
+    assert run_eval(model, tokenizer, EvalPlan(**plan), two, progress=False, plots=False,
+                    shard=FakeShard(2, 3)) is None
+    assert len((two / "predictions.rank2-of-3.jsonl").read_text().splitlines()) == 2 * 2
+    for rank in (1, 0):  # resumed over 2 ranks; rank 0 last: it merges
+        run_eval(model, tokenizer, EvalPlan(**plan), two, progress=False, plots=False, shard=FakeShard(rank, 2))
+    assert not list(two.glob("predictions.rank*"))
+    timing = ("prefill_seconds", "prefill_tokens_per_s", "decode_tokens_per_s")
+    one, merged = ([{k: v for k, v in json.loads(line).items() if k not in timing}
+                    for line in (d / PREDICTIONS).read_text().splitlines()] for d in (tmp_path / "one", two))
+    assert merged == one and len(one) == 2 * 3 * 2
+
+
 EMBEDDED_MEMORY = MemoryConfig(n_init=4, n_local=64, block_size=16, topk=2, exc_block_size=32, max_cached_blocks=4)
 
 

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .memory import PoolStats
+from .models.quantized import kernels_used
 
 
 @dataclass
@@ -21,6 +22,12 @@ class GenerationStats:
     decode_seconds: float = 0.0  # the steps after the first new token
     memory: PoolStats | None = None  # infllm: the block pools of all layers added up
     prefill_memory: PoolStats | None = None  # the same, when the prefill ended
+
+    @property
+    def linear_kernels(self) -> str | None:
+        """The linear layers' kernels this process has run (``int4:packed-bf16``,
+        ``int8:dequant-f32``, ``float32:onednn``, ...): which kernel the probe chose."""
+        return kernels_used()
 
     @property
     def decode_memory(self) -> PoolStats | None:
@@ -42,6 +49,7 @@ class GenerationStats:
         out = asdict(self)
         out["prefill_tokens_per_second"] = self.prefill_tokens_per_second
         out["decode_tokens_per_second"] = self.decode_tokens_per_second
+        out["linear_kernels"] = self.linear_kernels
         if self.memory is not None:
             out["memory"]["hit_rate"] = self.memory.hit_rate
         if self.decode_memory is not None:
@@ -53,6 +61,8 @@ class GenerationStats:
         line = (f"prompt {self.prompt_tokens} tok, prefill {self.prefill_seconds:.1f} s "
                 f"({self.prefill_tokens_per_second:.0f} tok/s); {self.new_tokens} new tok, "
                 f"decode {self.decode_tokens_per_second:.1f} tok/s")
+        if kernels := self.linear_kernels:
+            line += f"; linear kernels {kernels}"
         m = self.memory
         if m is None:
             return line

@@ -83,6 +83,11 @@ def cpu_linear_kernel() -> str:
     return _chosen
 
 
+def chosen_cpu_linear_kernel() -> str | None:
+    """The CPU product kernel if this process has settled it (a product ran), else None."""
+    return _chosen
+
+
 def set_cpu_linear_kernel(kernel: str | None) -> None:
     """Choose the CPU product kernel (``onednn`` / ``blas``), or None to probe again."""
     global _chosen

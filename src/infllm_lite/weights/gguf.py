@@ -15,6 +15,13 @@ What llama.cpp's converter (``convert_hf_to_gguf.py``) changed, and is undone he
   ``LlamaModel``), as transformers' GGUF loader also assumes;
 * a tied output layer is simply absent (no ``output.weight``): ``tie_word_embeddings``.
 
+``read_gguf(path, packed=True)`` keeps Q8_0/Q4_0/Q4_1 linear weights (and the token
+embedding) as they are in the file: each becomes a :class:`QuantizedLinear` whose pack
+*is* the file's blocks (``gguf_pack``; Q4_1 ``d``/``m`` -> int4 scales/offsets, Q4_0
+offsets ``-8 d``, Q8_0 -> grouped int8), with no float32 copy; their dequantization
+equals ``gguf.quants.dequantize`` bit for bit. Other quantized types (Q4_K, Q6_K, ...)
+are refused before any tensor is read.
+
 Mistral GGUFs use the ``llama`` architecture; they load as ``LlamaForCausalLM`` (the same
 network; a GGUF does not record Mistral's sliding window).
 """
@@ -34,6 +41,7 @@ import torch
 
 from ..config import ModelArgs
 from ..errors import InfLLMLiteError
+from ..models.quantized import QuantizedLinear
 from ..rope import rope_inv_freq
 from .gguf_tokenizer import build_tokenizer
 
@@ -61,12 +69,39 @@ _GLOBAL_RE = re.compile(r"(\w+)\.(weight|bias)")
 
 @dataclass
 class GGUFCheckpoint:
-    """A GGUF file read into what a Hugging Face model folder holds."""
+    """A GGUF file read into what a Hugging Face model folder holds (``packs``: with
+    ``packed=True``, the HF names of the weights kept packed -> their layers)."""
 
     config: dict
     tensors: dict[str, torch.Tensor]
     tokenizer_json: str
     tokenizer_config: dict
+    packs: dict[str, QuantizedLinear] | None = None
+
+
+PACKED_TYPES = ("Q8_0", "Q4_0", "Q4_1")  # GGUF quantizations kept packed
+_FLOAT_TYPES = ("F32", "F16", "BF16", "F64")
+
+
+def gguf_pack(blocks: np.ndarray, type_name: str, shape: tuple[int, int]) -> QuantizedLinear:
+    """A Q8_0/Q4_0/Q4_1 tensor's raw rows (``(out, bytes)`` uint8, as ``GGUFReader`` gives
+    them) as a :class:`QuantizedLinear` of ``shape`` (out, in) with groups of 32."""
+    out, n = shape
+    groups = n // 32
+    if type_name not in PACKED_TYPES or n % 32:
+        raise InfLLMLiteError(f"GGUF type {type_name} is not packed here (packed: {', '.join(PACKED_TYPES)})")
+    b = np.ascontiguousarray(blocks, dtype=np.uint8).reshape(out, groups, -1)
+    d = torch.from_numpy(b[..., 0:2].copy().view(np.float16)[..., 0])  # (out, groups)
+    if type_name == "Q8_0":
+        q = torch.from_numpy(b[..., 2:].copy().view(np.int8).reshape(out, n))
+        return QuantizedLinear("int8", n, out, 32, q, d)
+    if type_name == "Q4_1":
+        offsets = torch.from_numpy(b[..., 2:4].copy().view(np.float16)[..., 0])
+        qs = b[..., 4:]
+    else:  # Q4_0: d * (q - 8) = q * d + (-8 d), exactly (8 d is exact; the sum is representable)
+        offsets = -8 * d
+        qs = b[..., 2:]
+    return QuantizedLinear("int4", n, out, 32, torch.from_numpy(qs.copy()), d, offsets)
 
 
 # ---------------------------------------------------------------------------- reading
@@ -215,8 +250,25 @@ def _config(meta: dict, arch: str, names: set[str], path: Path) -> dict:
     return config
 
 
-def _tensors(reader, arch: str, config: dict, meta: dict, path: Path, progress: bool) -> dict[str, torch.Tensor]:
-    """Dequantize every tensor to float32 under its HF name, Q/K permutation undone."""
+def _keeps_packed(name: str | None) -> bool:
+    return name is not None and name.endswith(".weight") and (name.endswith("_proj.weight") or name in (
+        "lm_head.weight", "model.embed_tokens.weight"))
+
+
+def _check_packable(reader, path: Path) -> None:
+    """Refuse, before reading any tensor, a quantization type this loader does not pack."""
+    for t in reader.tensors:
+        kind = t.tensor_type.name
+        if _keeps_packed(_hf_name(t.name)) and kind not in PACKED_TYPES + _FLOAT_TYPES:
+            raise InfLLMLiteError(
+                f"{path}: tensor {t.name} is {kind}, which quantize='gguf' does not keep packed "
+                f"(packed: {', '.join(PACKED_TYPES)}); load it with quantize=None, 'int8' or 'int4'")
+
+
+def _tensors(reader, arch: str, config: dict, meta: dict, path: Path, progress: bool,
+             packs: dict | None = None) -> dict[str, torch.Tensor]:
+    """Dequantize every tensor to float32 under its HF name, Q/K permutation undone
+    (``packs``: a dict that receives the packed weights instead, under their HF names)."""
     from gguf.quants import dequantize
     from tqdm.auto import tqdm
 
@@ -231,6 +283,20 @@ def _tensors(reader, arch: str, config: dict, meta: dict, path: Path, progress: 
         name = _hf_name(t.name)
         if name is None:
             raise InfLLMLiteError(f"{path} has a tensor {t.name!r} this loader does not know: unsupported variant")
+        if packs is not None and _keeps_packed(name) and t.tensor_type.name in PACKED_TYPES:
+            rows = t.data
+            if arch == "llama" and ".attn_q." in t.name:  # whole rows of blocks: permuted as they are
+                rows = _unpermute(rows, config["num_attention_heads"])
+            elif arch == "llama" and ".attn_k." in t.name:
+                rows = _unpermute(rows, config["num_key_value_heads"])
+            shape = (int(t.shape[1]), int(t.shape[0]))  # GGUF lists (in, out)
+            try:
+                packs[name] = gguf_pack(rows, t.tensor_type.name, shape)
+            except InfLLMLiteError:
+                raise
+            except Exception as e:
+                raise InfLLMLiteError(f"{path}: cannot read tensor {t.name} ({type(e).__name__}: {e})") from e
+            continue
         try:
             w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
             if arch == "llama" and ".attn_q." in t.name:
@@ -249,6 +315,7 @@ def _tensors(reader, arch: str, config: dict, meta: dict, path: Path, progress: 
 
 
 def _check_complete(tensors: dict, config: dict, path: Path) -> None:
+    """Every tensor the config implies is there (``tensors`` may map names to packs)."""
     names = ["model.embed_tokens.weight", "model.norm.weight"]
     if not config["tie_word_embeddings"]:
         names.append("lm_head.weight")
@@ -259,13 +326,15 @@ def _check_complete(tensors: dict, config: dict, path: Path) -> None:
     for name in names:
         if name not in tensors:
             raise InfLLMLiteError(f"{path} lacks the tensor for {name}: not a complete model file")
-    rows = tensors["model.embed_tokens.weight"].shape[0]
+    embedding = tensors["model.embed_tokens.weight"]
+    rows = embedding.out_features if isinstance(embedding, QuantizedLinear) else embedding.shape[0]
     if rows != config["vocab_size"]:
         raise InfLLMLiteError(f"{path}: vocab_size {config['vocab_size']} but the embedding has {rows} rows")
 
 
-def read_gguf(path: str | os.PathLike, progress: bool = False) -> GGUFCheckpoint:
-    """Read a llama/qwen2 GGUF file into config, float32 HF tensors and tokenizer."""
+def read_gguf(path: str | os.PathLike, progress: bool = False, packed: bool = False) -> GGUFCheckpoint:
+    """Read a llama/qwen2 GGUF file into config, float32 HF tensors and tokenizer
+    (``packed``: its Q8_0/Q4_0/Q4_1 weights kept packed, in ``packs``)."""
     path = Path(path)
     reader = _open(path)
     meta = _metadata(reader, path)
@@ -276,10 +345,13 @@ def read_gguf(path: str | os.PathLike, progress: bool = False) -> GGUFCheckpoint
         )
     names = {t.name for t in reader.tensors}
     config = _config(meta, arch, names, path)
+    if packed:
+        _check_packable(reader, path)
     tokenizer_json, tokenizer_config = build_tokenizer(meta, path)
-    tensors = _tensors(reader, arch, config, meta, path, progress)
-    _check_complete(tensors, config, path)
-    return GGUFCheckpoint(config, tensors, tokenizer_json, tokenizer_config)
+    packs = {} if packed else None
+    tensors = _tensors(reader, arch, config, meta, path, progress, packs)
+    _check_complete({**tensors, **(packs or {})}, config, path)
+    return GGUFCheckpoint(config, tensors, tokenizer_json, tokenizer_config, packs)
 
 
 # ---------------------------------------------------------------------------- conversion

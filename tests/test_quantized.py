@@ -1,0 +1,255 @@
+"""Weight-only quantized linears (models/quantized.py), GGUF blocks kept packed
+(weights/gguf.py) and ``load_model(quantize=...)``.
+
+Tolerances, each quantized layer against its float32 twin ``x @ dequantize().T`` on the
+same pack (``A = |x| @ |Ŵ|ᵀ``, the sum of the products' magnitudes):
+
+* ``dequant`` kernel: float32 throughout, only the summation order differs: at most
+  ``K · 2⁻²³ · A`` (the standard bound ``γ_K``, with ``u = 2⁻²⁴``).
+* ``packed`` kernel: ``x`` rounded to bf16 (relative ``2⁻⁹`` each), the scale (and int4's
+  zero ``z = o + 8 s``) rounded to bf16 (``2⁻⁹ (|q - 8| s + |z|)`` per weight, which can
+  exceed ``|ŵ|``: ``M`` is that magnitude plus ``|ŵ|``), float32 accumulation, the
+  output rounded to bf16 (``2⁻⁹ |y| ≤ 2⁻⁹ A``): at most about ``3 · 2⁻⁹ · (|x| @ Mᵀ)``;
+  the test allows ``2⁻⁷ · (|x| @ Mᵀ)`` (a third more).
+"""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from infllm_lite import generate, load_model
+from infllm_lite.errors import InfLLMLiteError
+from infllm_lite.models.linear import Linear
+from infllm_lite.models.quantized import (
+    QuantizedLinear, check_quantize, dequantize_int4, pack_int4, quant_kernel, quantize_int4,
+    quantize_int8, quantize_model, set_quant_kernel, unpack_int4, weights_bytes)
+from infllm_lite.weights.gguf import gguf_pack
+
+FAST = settings(max_examples=25, deadline=None)
+
+
+# ---------------------------------------------------------------- packing
+
+
+@FAST
+@given(out=st.integers(1, 40), groups=st.integers(1, 4), group=st.sampled_from([32, 64, 128]),
+       seed=st.integers(0, 2**16))
+def test_int4_pack_unpack_exact(out, groups, group, seed):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (out, groups * group), generator=g, dtype=torch.uint8)
+    packed = pack_int4(q, group)
+    assert packed.shape == (out, groups, group // 2) and packed.dtype == torch.uint8
+    assert torch.equal(unpack_int4(packed), q)
+    raw = torch.randint(0, 256, packed.shape, generator=g, dtype=torch.uint8)
+    assert torch.equal(pack_int4(unpack_int4(raw), group), raw)  # every byte is a pack
+
+
+@FAST
+@given(out=st.integers(1, 24), groups=st.integers(1, 3), group=st.sampled_from([32, 64, 128]),
+       seed=st.integers(0, 2**16), scale=st.sampled_from([1e-3, 0.1, 3.0]))
+def test_quantization_error_is_half_a_step(out, groups, group, seed, scale):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out, groups * group, generator=g) * scale
+    q, s = quantize_int8(w)
+    ŵ = q.float() * s
+    assert ((ŵ - w).abs() <= s * (0.5 + 1e-5)).all()
+    packed, s4, o4 = quantize_int4(w, group)
+    ŵ4 = dequantize_int4(packed, s4, o4).reshape(out, groups, group)
+    step = s4.float()[..., None]
+    # half a step, plus what the float16 offset/scale rounding may push past the clamp
+    bound = 0.5 * step + 2**-9 * w.reshape(out, groups, group).abs().amax(-1, keepdim=True)
+    assert ((ŵ4 - w.reshape(out, groups, group)).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("n, group", [(48, 32), (96, 64), (100, 32)])
+def test_sizes_not_a_multiple_of_the_group_are_refused(n, group):
+    with pytest.raises(InfLLMLiteError, match=f"group size {group} does not divide the input size {n}"):
+        quantize_int4(torch.randn(4, n), group)
+    with pytest.raises(InfLLMLiteError, match="does not divide"):
+        pack_int4(torch.zeros(4, n, dtype=torch.uint8), group)
+
+
+# ---------------------------------------------------------------- each layer against its twin
+
+
+def _magnitudes(layer: QuantizedLinear) -> torch.Tensor:
+    """|ŵ| plus, for int4, the bf16-rounded parts' magnitudes |q - 8| s + |o + 8 s|."""
+    m = layer.dequantize().abs()
+    if layer.scheme == "int4":
+        q = unpack_int4(layer.qweight).float().reshape(layer.out_features, -1, layer.group_size)
+        s, o = layer.scales.float()[..., None], layer.offsets.float()[..., None]
+        m = m + ((q - 8).abs() * s + (o + 8 * s).abs()).reshape(m.shape)
+    return m
+
+
+@FAST
+@given(scheme=st.sampled_from(["int8", "int4"]), kernel=st.sampled_from(["packed", "dequant"]),
+       out16=st.integers(1, 6), groups=st.integers(1, 4), group=st.sampled_from([32, 64, 128]),
+       rows=st.sampled_from([1, 3, 17]), bias=st.booleans(), seed=st.integers(0, 2**16))
+def test_quantized_linear_matches_its_float32_twin(scheme, kernel, out16, groups, group, rows, bias, seed):
+    g = torch.Generator().manual_seed(seed)
+    out, n = 16 * out16, groups * group
+    w = torch.randn(out, n, generator=g) * 0.1
+    b = torch.randn(out, generator=g) if bias else None
+    layer = QuantizedLinear.from_float(w, b, scheme, group if scheme == "int4" else None).prepare(kernel)
+    assert layer.kernel == kernel  # every shape here is one the packed kernels take
+    x = torch.randn(2, rows, n, generator=g)
+    twin = x @ layer.dequantize().T + (b if bias else 0)
+    y = layer(x)
+    assert y.shape == twin.shape and y.dtype == torch.float32
+    if kernel == "dequant":
+        tol = n * 2**-23 * (x.abs() @ layer.dequantize().abs().T) + 1e-7
+    else:
+        tol = 2**-7 * (x.abs() @ _magnitudes(layer).T) + 1e-6
+    assert ((y - twin).abs() <= tol).all()
+
+
+def test_layers_the_packed_kernels_do_not_take_dequantize():
+    odd = QuantizedLinear.from_float(torch.randn(40, 64), None, "int4", 32).prepare("packed")
+    assert odd.kernel == "dequant" and odd.label == "int4:dequant-f32"  # 40 rows: not a multiple of 16
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(odd(x), x @ odd.dequantize().T, rtol=0, atol=1e-5)
+
+
+def test_kernel_override_is_validated(monkeypatch):
+    with pytest.raises(InfLLMLiteError, match="unknown quantized kernel 'fast'.*packed, dequant"):
+        set_quant_kernel("fast")
+    set_quant_kernel(None)
+    monkeypatch.setenv("INFLLM_LITE_QUANT_KERNEL", "bf16")
+    with pytest.raises(InfLLMLiteError, match="INFLLM_LITE_QUANT_KERNEL='bf16'"):
+        quant_kernel("int8")
+    monkeypatch.setenv("INFLLM_LITE_QUANT_KERNEL", "dequant")
+    assert quant_kernel("int4") == "dequant"
+    set_quant_kernel(None)  # the next user probes again
+
+
+# ---------------------------------------------------------------- GGUF blocks
+
+
+def _random_blocks(kind: str, rows: int, blocks: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    size = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}[kind]
+    raw = rng.integers(0, 256, (rows, blocks, size), dtype=np.uint8)
+    raw[..., 0:2] = (rng.standard_normal((rows, blocks, 1)) * 0.01).astype(np.float16).view(np.uint8)
+    if kind == "Q4_1":
+        raw[..., 2:4] = (rng.standard_normal((rows, blocks, 1)) * 0.1).astype(np.float16).view(np.uint8)
+    return raw.reshape(rows, blocks * size)
+
+
+@FAST
+@given(kind=st.sampled_from(["Q8_0", "Q4_0", "Q4_1"]), rows=st.integers(1, 8), blocks=st.integers(1, 4),
+       seed=st.integers(0, 2**16))
+def test_gguf_blocks_unpack_to_gguf_dequantization_exactly(kind, rows, blocks, seed):
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    raw = _random_blocks(kind, rows, blocks, seed)
+    expected = torch.from_numpy(np.asarray(dequantize(raw, GGMLQuantizationType[kind]), dtype=np.float32))
+    layer = gguf_pack(raw, kind, (rows, blocks * 32))
+    assert torch.equal(layer.dequantize(), expected)
+
+
+def test_the_embedded_files_blocks_unpack_exactly(gguf_path):
+    import gguf
+    from gguf.quants import dequantize
+
+    reader = gguf.GGUFReader(gguf_path)
+    seen = set()
+    for t in reader.tensors:
+        kind = t.tensor_type.name
+        if kind in ("Q8_0", "Q4_1") and kind not in seen:
+            seen.add(kind)
+            rows = np.asarray(t.data[:64])  # a slice: the whole embedding would take a while
+            expected = torch.from_numpy(np.asarray(dequantize(rows, t.tensor_type), dtype=np.float32))
+            assert torch.equal(gguf_pack(rows, kind, (64, int(t.shape[0]))).dequantize(), expected)
+    assert seen == {"Q8_0", "Q4_1"}
+
+
+def test_gguf_types_not_packed_are_refused():
+    with pytest.raises(InfLLMLiteError, match="Q6_K is not packed here"):
+        gguf_pack(np.zeros((2, 210), np.uint8), "Q6_K", (2, 256))
+
+
+# ---------------------------------------------------------------- options
+
+
+@pytest.mark.parametrize("quantize, group, message", [
+    ("int5", None, "unknown quantize value 'int5': choose one of int8, int4, gguf"),
+    ("int4", 48, "int4 group size 48: choose one of 32, 64, 128"),
+    ("int4", 256, "int4 group size 256"),
+    ("int8", 64, "group_size applies only with quantize='int4' \\(int8 is per-channel\\)"),
+    ("gguf", 32, "group_size applies only with quantize='int4'"),
+    (None, 32, "group_size applies only with quantize='int4'"),
+])
+def test_bad_quantize_values_are_refused_before_any_work(quantize, group, message):
+    with pytest.raises(InfLLMLiteError, match=message):
+        check_quantize(quantize, group)
+    with pytest.raises(InfLLMLiteError, match=message):  # before the source is even looked at
+        load_model("/no/such/model", quantize=quantize, group_size=group, progress=False)
+
+
+def test_group_size_that_does_not_divide_the_model_is_refused(tiny_folder):
+    with pytest.raises(InfLLMLiteError, match="int4 group size 64 does not divide the model's intermediate size 96: choose 32"):
+        load_model(tiny_folder, quantize="int4", group_size=64, device="cpu", progress=False)
+    with pytest.raises(InfLLMLiteError, match="quantize='gguf' needs a .gguf file"):
+        load_model(tiny_folder, quantize="gguf", device="cpu", progress=False)
+
+
+# ---------------------------------------------------------------- models
+
+
+def _twin(float_model, quantized):
+    """``float_model`` with every quantized layer's weight replaced by its dequantization."""
+    twin = copy.deepcopy(float_model)
+    for name, module in quantized.named_modules(remove_duplicate=False):
+        if isinstance(module, QuantizedLinear) and not name.endswith(".table"):  # a tied head's twin is the embedding
+            with torch.no_grad():
+                twin.get_submodule(name).weight.copy_(module.dequantize())
+    return twin
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quantized_tiny_model_generates_as_its_twin(tiny, scheme):
+    model, tok = tiny
+    q = quantize_model(copy.deepcopy(model), scheme, 32 if scheme == "int4" else None, kernel="dequant")
+    assert not any(isinstance(m, Linear) for m in q.modules())
+    assert weights_bytes(q) < weights_bytes(model) / 2
+    twin = _twin(model, q)
+    ids = torch.tensor([tok.encode("Once upon a time")])
+    with torch.inference_mode():
+        torch.testing.assert_close(q(ids), twin(ids), rtol=0, atol=1e-4)
+    text, stats = generate(q, tok, "Once upon a time", max_new_tokens=8, return_stats=True)
+    assert text == generate(twin, tok, "Once upon a time", max_new_tokens=8)
+    assert f"{scheme}:dequant-f32" in stats.linear_kernels and "linear kernels" in stats.summary()
+
+
+def test_int8_model_through_the_batched_engine(tiny):
+    model, tok = tiny
+    prompts = ["Once upon a time", "The capital of France is"]
+    for kernel in ("dequant", "packed"):
+        q = quantize_model(copy.deepcopy(model), "int8", kernel=kernel)
+        alone = [generate(q, tok, p, max_new_tokens=6) for p in prompts]
+        together = generate(q, tok, prompts, max_new_tokens=6)
+        if kernel == "dequant":
+            assert together == alone
+        else:  # bf16 activations: a row's bits may depend on the batch; the run must complete
+            assert len(together) == 2 and all(isinstance(t, str) for t in together)
+
+
+def test_embedded_gguf_kept_packed_equals_the_float32_weights(smollm):
+    model, tok = smollm
+    packed, _ = load_model(quantize="gguf", device="cpu", progress=False)
+    assert packed.quantization == "gguf"
+    assert weights_bytes(packed) < 0.35 * weights_bytes(model)
+    for name in ("layers.0.self_attn.q_proj", "layers.0.self_attn.k_proj", "layers.29.mlp.down_proj", "lm_head"):
+        assert torch.equal(packed.get_submodule(name).dequantize(), model.get_submodule(name).weight)
+    ids = torch.tensor([tok.encode("The capital of France is")])
+    with torch.inference_mode():
+        want = model(ids)[0, -1]
+        got = packed(ids)[0, -1]
+    assert got.argmax() == want.argmax()
+    assert (got - want).abs().max() < 0.05 * want.abs().max()

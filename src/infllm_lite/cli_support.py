@@ -100,7 +100,8 @@ def load_from_args(args):
     if getattr(args, "tensor_parallel", False):  # under torchrun: this rank's shard
         from .parallel.launch import load_tensor_parallel
         return load_tensor_parallel(args, dtype)
-    return load_model(args.model, dtype=dtype, device=args.device)
+    return load_model(args.model, dtype=dtype, device=args.device,
+                      quantize=getattr(args, "quantize", None), group_size=getattr(args, "group_size", None))
 
 
 def parse_max_len(values: list[str] | None, modes: list[str]) -> dict:

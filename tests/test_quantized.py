@@ -25,7 +25,7 @@ from infllm_lite import generate, load_model
 from infllm_lite.errors import InfLLMLiteError
 from infllm_lite.models.linear import Linear
 from infllm_lite.models.quantized import (
-    QuantizedLinear, check_quantize, dequantize_int4, pack_int4, quant_kernel, quantize_int4,
+    QuantizedLinear, check_quantize, dequantize_int4, model_kernels, pack_int4, quant_kernel, quantize_int4,
     quantize_int8, quantize_model, set_quant_kernel, unpack_int4, weights_bytes)
 from infllm_lite.weights.gguf import gguf_pack
 
@@ -244,6 +244,8 @@ def test_embedded_gguf_kept_packed_equals_the_float32_weights(smollm):
     model, tok = smollm
     packed, _ = load_model(quantize="gguf", device="cpu", progress=False)
     assert packed.quantization == "gguf"
+    kernels = model_kernels(packed)  # the 210 Q4_1 layers (kernel: this machine's), the Q8_0 head
+    assert "int8/g32:dequant-f32 x1" in kernels and "int4:" in kernels and "x210" in kernels
     assert weights_bytes(packed) < 0.35 * weights_bytes(model)
     for name in ("layers.0.self_attn.q_proj", "layers.0.self_attn.k_proj", "layers.29.mlp.down_proj", "lm_head"):
         assert torch.equal(packed.get_submodule(name).dequantize(), model.get_submodule(name).weight)

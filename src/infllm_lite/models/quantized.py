@@ -243,6 +243,7 @@ class QuantizedLinear(nn.Module):
         self.register_buffer("offsets", offsets)
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
         self.kernel = "dequant"
+        self._label = self._make_label()
         self.register_buffer("_kernel_weight", None, persistent=False)  # the packed kernel's copy
         self.register_buffer("_kernel_scales", None, persistent=False)
 
@@ -258,6 +259,10 @@ class QuantizedLinear(nn.Module):
 
     @property
     def label(self) -> str:
+        """``scheme:kernel``, e.g. ``int4:packed-bf16``, ``int8/g32:dequant-f32``."""
+        return self._label
+
+    def _make_label(self) -> str:
         tag = self.scheme if self.scheme == "int4" or self.group_size == self.in_features else f"int8/g{self.group_size}"
         return f"{tag}:{'packed-bf16' if self.kernel == 'packed' else 'dequant-f32'}"
 
@@ -273,6 +278,7 @@ class QuantizedLinear(nn.Module):
         on_cpu = self.qweight.device.type == "cpu"
         kernel = kernel or (quant_kernel(self.scheme) if on_cpu else "dequant")
         self.kernel = "packed" if kernel == "packed" and on_cpu and self.packable() else "dequant"
+        self._label = self._make_label()
         self._kernel_weight = self._kernel_scales = None
         if self.kernel == "packed":
             with torch.no_grad():
@@ -292,8 +298,8 @@ class QuantizedLinear(nn.Module):
         return dequantize_int4(self.qweight, self.scales, self.offsets, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.compiler.is_compiling() and self.label not in _used:
-            _used[self.label] = None
+        if not torch.compiler.is_compiling() and self._label not in _used:
+            _used[self._label] = None
         if self.kernel == "packed":
             y = self._packed(x)
         else:
@@ -345,6 +351,16 @@ class QuantizedEmbedding(nn.Module):
         else:
             rows = dequantize_int4(t.qweight[flat], t.scales[flat], t.offsets[flat])
         return rows.reshape(*ids.shape, t.in_features)
+
+
+def model_kernels(model: nn.Module) -> str:
+    """The kernels of ``model``'s linear layers, e.g. ``int4:packed-bf16 x210, int8/g32:dequant-f32 x1``."""
+    counts: dict[str, int] = {}
+    for m in model.modules():
+        label = m.label if isinstance(m, QuantizedLinear) else "float32" if isinstance(m, Linear) else None
+        if label:
+            counts[label] = counts.get(label, 0) + 1
+    return ", ".join(f"{k} x{v}" for k, v in counts.items())
 
 
 def weights_bytes(model: nn.Module) -> int:

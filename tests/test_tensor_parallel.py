@@ -98,7 +98,7 @@ def run_checks(model) -> dict:
 
 # ---------------------------------------------------------------------------- the ranks
 def worker(out_dir: Path, folders: list[Path]) -> None:
-    from infllm_lite.parallel import build_tp_model, init_distributed, load_tp_model
+    from infllm_lite.parallel import build_tp_model, init_distributed, load_tp_model, rank_path
     from infllm_lite.parallel.group import all_reduce_sum
     from infllm_lite.parallel.sharded_load import read_hf_shard
     from infllm_lite.snapshot import load_snapshot, save_snapshot
@@ -114,9 +114,15 @@ def worker(out_dir: Path, folders: list[Path]) -> None:
         model = build_tp_model(args, shard, group)
         out = run_checks(model)
         state, tokens = out.pop("_state"), out.pop("_tokens")
-        snap = save_snapshot(out_dir / f"{folder.name}.rank{rank}.snap", state, model=model, mode="infllm",
-                             memory=MEMORY, tokens=tokens)
+        snap = save_snapshot(rank_path(out_dir / f"{folder.name}.snap", model), state, model=model,
+                             mode="infllm", memory=MEMORY, tokens=tokens)
         again = load_snapshot(snap, model, kernel="window-eager").state  # the same rank, the same world
+        all_reduce_sum(torch.zeros(1), group)  # both have saved
+        try:  # the other rank's file
+            load_snapshot(out_dir / f"{folder.name}.rank{1 - rank}-of-2.snap", model)
+            results[f"{folder.name}.other_rank_error"] = None
+        except InfLLMLiteError as e:
+            results[f"{folder.name}.other_rank_error"] = str(e)
         with torch.inference_mode():
             out["restored_logits"] = model(torch.tensor([[tokens[-1]]]), again)
         results.update({f"{folder.name}.{k}": v for k, v in out.items()})
@@ -238,11 +244,13 @@ def test_each_rank_holds_its_shard_only(spawned):
             assert rank[f"{name}.shard_numel"] == replicated + (whole - replicated) // WORLD
 
 
-def test_snapshot_refused_at_another_world_size(spawned):
+def test_snapshot_refused_at_another_world_size_or_rank(spawned):
     from infllm_lite.snapshot import load_snapshot
+    for r, rank in enumerate(spawned["ranks"]):
+        assert f"holds rank {1 - r}'s heads; this is rank {r}" in rank["llama.other_rank_error"]
     model = spawned["reference"]["llama.model"]
     with pytest.raises(InfLLMLiteError, match="tensor-parallel world of 2 .*world of 1"):
-        load_snapshot(spawned["out_dir"] / "llama.rank0.snap", model)
+        load_snapshot(spawned["out_dir"] / "llama.rank0-of-2.snap", model)
 
 
 def test_bad_world_size_is_refused(spawned):

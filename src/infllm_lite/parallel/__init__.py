@@ -8,9 +8,9 @@
 """
 
 from .group import all_reduce_sum, backend_for, init_distributed, launched_distributed, rank_device
-from .model import TensorParallel, build_tp_model, load_tp_model, shard_model
+from .model import TensorParallel, build_tp_model, load_tp_model, rank_path, shard_model
 from .plan import ShardedArgs, check_divisible, local_args
 
 __all__ = ["ShardedArgs", "TensorParallel", "all_reduce_sum", "backend_for", "build_tp_model",
            "check_divisible", "init_distributed", "launched_distributed", "load_tp_model", "local_args",
-           "rank_device", "shard_model"]
+           "rank_device", "rank_path", "shard_model"]

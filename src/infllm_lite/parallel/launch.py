@@ -25,12 +25,13 @@ def check_tensor_parallel_args(args, *, batch: bool) -> None:
         raise InfLLMLiteError("--compile does not apply with --tensor-parallel")
 
 
-def shared_seed(group, seed: int | None) -> int | None:
+def shared_seed(group, seed: int | None, device) -> int | None:
     """A seed every rank samples with: the given one, or rank 0's random pick (ranks that
-    sampled differently would feed their collectives different tokens and deadlock)."""
+    sampled differently would feed their collectives different tokens and deadlock).
+    ``device``: where the group's collectives run (CUDA for NCCL)."""
     if seed is not None:
         return seed
-    pick = torch.randint(0, 2**31 - 1, (1,), dtype=torch.long)
+    pick = torch.randint(0, 2**31 - 1, (1,), dtype=torch.long).to(device)
     from .group import all_reduce_sum
     if dist.get_rank(group) != 0:
         pick.zero_()
@@ -75,5 +76,5 @@ def load_tensor_parallel(args, dtype):
         sys.stderr = _ErrorsOnly(sys.stderr, dist.get_rank(group))
     model, tokenizer = load_tp_model(args.model, group=group, dtype=dtype, device=device)
     if hasattr(args, "seed") and getattr(args, "temperature", 0.0) > 0:
-        args.seed = shared_seed(group, args.seed)
+        args.seed = shared_seed(group, args.seed, device)
     return model, tokenizer

@@ -117,5 +117,16 @@ def load_tp_model(source: str | os.PathLike | None = None, *, group=None, dtype:
     return build_tp_model(args, shard, group, dtype=dtype, device=device), tokenizer
 
 
+def rank_path(path: str | os.PathLike, model):
+    """Where rank R of N saves its snapshot of ``path`` (``name.rankR-of-N.snap``): a
+    tensor-parallel model's memory holds its rank's heads only, so each rank saves (and
+    loads) its own file. ``path`` itself for a model that is not sharded."""
+    from pathlib import Path
+    path, tp = Path(path), getattr(model, "tp", None)
+    if tp is None:
+        return path
+    return path.with_name(f"{path.stem}.rank{tp.rank}-of-{tp.world_size}{path.suffix}")
+
+
 def backend_name(group) -> str:
     return str(dist.get_backend(group)).lower()

@@ -320,10 +320,10 @@ EMBEDDED_MEMORY = MemoryConfig(n_init=4, n_local=64, block_size=16, topk=2, exc_
 
 def embedded_checks(model) -> dict:
     from infllm_lite.generate import generate_ids
-    ids = torch.randint(0, model.args.vocab_size, (1, 300), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, model.args.vocab_size, (1, 200), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         logits = model(ids)
-    return dict(logits=logits, infllm=list(generate_ids(model, ids[0].tolist(), max_new_tokens=6, attention="infllm",
+    return dict(logits=logits, infllm=list(generate_ids(model, ids[0].tolist(), max_new_tokens=4, attention="infllm",
                                                          memory=EMBEDDED_MEMORY, attention_kernel="window-eager")))
 
 

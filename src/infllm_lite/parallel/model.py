@@ -47,10 +47,25 @@ def _reduce_output(group):
     return hook
 
 
+def agree_on_cpu_kernel(group) -> str:
+    """Every rank's CPU ``Linear`` kernel set to rank 0's (a per-process timing probe
+    could pick oneDNN on one rank and BLAS on another: the replicated norm and LM head
+    would then differ in their last bits between ranks, and so could a sampled token)."""
+    from ..models.linear import CPU_LINEAR_KERNELS, cpu_linear_kernel, set_cpu_linear_kernel
+    choice = torch.tensor([CPU_LINEAR_KERNELS.index(cpu_linear_kernel()) if dist.get_rank(group) == 0 else 0])
+    kernel = CPU_LINEAR_KERNELS[int(all_reduce_sum(choice, group).item())]
+    set_cpu_linear_kernel(kernel)
+    return kernel
+
+
 def shard_model(model: Transformer, full_args: ModelArgs, group) -> Transformer:
     """Make ``model`` (built from a rank's :class:`~.plan.ShardedArgs`) tensor-parallel:
     the row-parallel projections' outputs summed over ``group``, InfLLM's block scores
-    too (``model.args.score_reduce``), and ``model.tp`` set."""
+    too (``model.args.score_reduce``), and ``model.tp`` set. On the CPU the ranks agree
+    on one ``Linear`` kernel first (:func:`agree_on_cpu_kernel`), so the replicated parts
+    compute the same bits on every rank."""
+    if next(model.parameters()).device.type == "cpu":
+        agree_on_cpu_kernel(group)
     for layer in model.layers:
         for parent in (layer.self_attn, layer.mlp):
             for name in ROW:

@@ -23,6 +23,7 @@ prompt, past the parity tests' 1e-4).
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 
@@ -97,6 +98,15 @@ def set_cpu_linear_kernel(kernel: str | None) -> None:
 class Linear(nn.Linear):
     _packed: torch.Tensor | None = None
     _packed_from: tuple | None = None  # (data_ptr, version) of the weight it was packed from
+
+    def __deepcopy__(self, memo) -> "Linear":
+        """A copy without the oneDNN copy of the weight (an opaque tensor deepcopy cannot
+        copy; the copy packs its own on first use)."""
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            new.__dict__[key] = None if key in ("_packed", "_packed_from") else copy.deepcopy(value, memo)
+        return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu" or x.numel() > FEW_ROWS * x.shape[-1]:

@@ -377,16 +377,18 @@ CLI_MEMORY = ["--n-init", "4", "--n-local", "64", "--block-size", "16", "--topk"
               "--attention-kernel", "window-eager"]
 
 
-def test_torchrun_generate_tensor_parallel_prints_once_what_one_process_prints(tiny_folder, capsys):
+def test_torchrun_generate_tensor_parallel_prints_once_what_one_process_prints(tiny_folder, tmp_path, capsys):
     from infllm_lite.cli import main
     prompt = " ".join(f"item {i} is {i * 7 % 13}." for i in range(60))  # ~500 tokens: blocks selected
-    args = ["generate", "--model", str(tiny_folder), "--prompt", prompt, "--max-new-tokens", "8",
-            "--attention", "infllm", *CLI_MEMORY]
+    args = ["generate", "--model", str(tiny_folder), "--prompt", prompt, "--prompt", "Once upon a time",
+            "--max-new-tokens", "8", "--attention", "infllm", *CLI_MEMORY]  # two prompts: the engine
     assert main(args) == 0
     alone = capsys.readouterr().out
     done = torchrun(args + ["--tensor-parallel"])
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout == alone and len(alone.strip()) > 0
+    assert done.stdout == alone and alone.count("==> prompt") == 2
+    assert main(args + ["--tensor-parallel", "--output", str(tmp_path / "x.jsonl")]) == 1  # before any work
+    assert "--output does not apply with --tensor-parallel" in capsys.readouterr().err
 
 
 def test_torchrun_eval_data_parallel_equals_one_process(tiny_folder, tmp_path, capsys):

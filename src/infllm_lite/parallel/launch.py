@@ -17,10 +17,12 @@ from .group import init_distributed, rank_device
 
 
 def check_tensor_parallel_args(args, *, batch: bool) -> None:
-    """What ``generate --tensor-parallel`` does not do (yet), refused before any work."""
-    if batch:
-        raise InfLLMLiteError("--tensor-parallel generates one prompt at a time: give one --prompt or "
-                              "--prompt-file, without --output")
+    """What ``generate --tensor-parallel`` does not do (yet), refused before any work.
+    ``batch``: several prompts (the engine), which runs."""
+    if batch and getattr(args, "output", None) is not None:  # several prompts: the engine steps
+        # identically on every rank (its schedule depends on no clock), but one file, one writer
+        raise InfLLMLiteError("--output does not apply with --tensor-parallel (yet): rank 0 prints the "
+                              "answers under their headers")
     if getattr(args, "compile", False):
         raise InfLLMLiteError("--compile does not apply with --tensor-parallel")
 

@@ -97,6 +97,8 @@ def load_from_args(args):
 
     from .loading import load_model
     dtype = getattr(torch, args.dtype) if args.dtype else None
+    if getattr(args, "tensor_parallel", False) and getattr(args, "quantize", None):
+        raise InfLLMLiteError("--quantize does not apply with --tensor-parallel (the shards are float)")
     if getattr(args, "tensor_parallel", False):  # under torchrun: this rank's shard
         from .parallel.launch import load_tensor_parallel
         return load_tensor_parallel(args, dtype)

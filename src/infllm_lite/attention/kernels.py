@@ -27,7 +27,7 @@ from ..options import ATTENTION_KERNELS, check_choice
 from .dense_joint import joint_attention_dense
 from .flex_joint import ChunkMasks, chunk_masks, far_tiles, joint_attention_flex
 from .slots import EMPTY, FAR, PAD_QUERY, SlotLayout, compiled_once
-from .window_joint import block_keys, joint_attention_window, window_sizes, window_slots
+from .window_joint import block_keys, joint_attention_window, window_rows, window_sizes, window_slots
 
 
 @dataclass
@@ -80,8 +80,9 @@ class InfLLMKernel:
     def geometry(self, layout: SlotLayout, s: int, e: int, tail_start: int, rope,
                  device: torch.device) -> ChunkGeometry:
         """The chunk [s, e)'s geometry, identical in every layer; chunks of more than one
-        query are padded to ``exc_block_size`` rows (a decode step stays one), so compiled
-        attention sees two shapes in a whole generation."""
+        query are padded (a decode step stays one) to a few row counts, so compiled
+        attention sees a few shapes in a whole generation: flex pads to ``exc_block_size``,
+        the window kernel to whole tiles (:func:`.window_joint.window_rows`)."""
         raise NotImplementedError
 
     def attend(self, layout: SlotLayout, q_loc, q_far, k_new, k_rot, k_raw, v, geo, slots):
@@ -153,7 +154,7 @@ class WindowKernel(InfLLMKernel):
 
     def geometry(self, layout, s, e, tail_start, rope, device):
         T = e - s
-        padded, tile, W, reach = window_sizes(1 if T == 1 else layout.exc_block_size, layout.n_init,
+        padded, tile, W, reach = window_sizes(window_rows(T, layout.exc_block_size), layout.n_init,
                                               layout.n_local, layout.block_size, layout.local_end)
         q_pos, cos, sin = query_rows(padded, s, e, rope, device)
         k_pos = layout.slot_positions(e, tail_start, device)

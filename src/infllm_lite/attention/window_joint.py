@@ -32,6 +32,20 @@ import torch
 QUERY_TILE = 64  # query rows per tile (measured on one layer chunk: 512 rows 65 ms, 128 rows 54, 64 rows 50, 32 rows 57)
 
 
+def window_rows(n_queries: int, exc_block_size: int) -> int:
+    """The rows a chunk of ``n_queries`` is padded to: one for a decode step, else whole
+    query tiles in a power-of-two count, at most ``exc_block_size``: with 512 and tiles of
+    64 a chunk is padded to 64, 128, 256 or 512 rows, so compiled attention sees five shapes
+    in all, and a short prompt (a chat turn) pays for its own tiles, not for 512 rows
+    (measured before: a 128-token prompt cost as much as a 512-token one)."""
+    if n_queries == 1:
+        return 1
+    rows = QUERY_TILE
+    while rows < n_queries:
+        rows *= 2
+    return min(rows, exc_block_size)
+
+
 def window_sizes(rows: int, n_init: int, n_local: int, block_size: int, local_end: int
                  ) -> tuple[int, int, int, tuple[int, ...]]:
     """(padded rows, query rows per tile, each tile's local window W in slots, each tile's

@@ -22,6 +22,12 @@ from infllm_lite.config import ModelArgs
 from infllm_lite.models.transformer import Transformer
 from infllm_lite.tokenizer import Tokenizer
 from infllm_lite.weights.embedded import embedded_gguf_path, embedded_model_dir
+from infllm_lite.models.linear import cpu_linear_kernel
+
+# The CPU product kernel is chosen by a timing probe per process; on a loaded machine two
+# processes could choose differently and differ in their last bits. The tests' own child
+# processes (a snapshot continued elsewhere, CLI runs, ranks) take this process's choice.
+os.environ.setdefault("INFLLM_LITE_CPU_LINEAR", cpu_linear_kernel())
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
 

@@ -143,18 +143,22 @@ def test_kernel_override_is_validated(monkeypatch):
 # ---------------------------------------------------------------- GGUF blocks
 
 
+BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q4_K": 144, "Q6_K": 210}
+BLOCK_WEIGHTS = {"Q8_0": 32, "Q4_0": 32, "Q4_1": 32, "Q4_K": 256, "Q6_K": 256}
+F16_AT = {"Q8_0": [0], "Q4_0": [0], "Q4_1": [0, 2], "Q4_K": [0, 2], "Q6_K": [208]}  # where the float16 scales sit
+
+
 def _random_blocks(kind: str, rows: int, blocks: int, seed: int) -> np.ndarray:
+    """Random bytes, with finite float16 scales where the format has them."""
     rng = np.random.default_rng(seed)
-    size = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}[kind]
-    raw = rng.integers(0, 256, (rows, blocks, size), dtype=np.uint8)
-    raw[..., 0:2] = (rng.standard_normal((rows, blocks, 1)) * 0.01).astype(np.float16).view(np.uint8)
-    if kind == "Q4_1":
-        raw[..., 2:4] = (rng.standard_normal((rows, blocks, 1)) * 0.1).astype(np.float16).view(np.uint8)
-    return raw.reshape(rows, blocks * size)
+    raw = rng.integers(0, 256, (rows, blocks, BLOCK_BYTES[kind]), dtype=np.uint8)
+    for at in F16_AT[kind]:
+        raw[..., at:at + 2] = (rng.standard_normal((rows, blocks, 1)) * 0.01).astype(np.float16).view(np.uint8)
+    return raw.reshape(rows, blocks * BLOCK_BYTES[kind])
 
 
 @FAST
-@given(kind=st.sampled_from(["Q8_0", "Q4_0", "Q4_1"]), rows=st.integers(1, 8), blocks=st.integers(1, 4),
+@given(kind=st.sampled_from(list(BLOCK_BYTES)), rows=st.integers(1, 8), blocks=st.integers(1, 3),
        seed=st.integers(0, 2**16))
 def test_gguf_blocks_unpack_to_gguf_dequantization_exactly(kind, rows, blocks, seed):
     from gguf import GGMLQuantizationType
@@ -162,8 +166,17 @@ def test_gguf_blocks_unpack_to_gguf_dequantization_exactly(kind, rows, blocks, s
 
     raw = _random_blocks(kind, rows, blocks, seed)
     expected = torch.from_numpy(np.asarray(dequantize(raw, GGMLQuantizationType[kind]), dtype=np.float32))
-    layer = gguf_pack(raw, kind, (rows, blocks * 32))
+    layer = gguf_pack(raw, kind, (rows, blocks * BLOCK_WEIGHTS[kind]))
     assert torch.equal(layer.dequantize(), expected)
+
+
+@pytest.mark.parametrize("kind", ["Q4_K", "Q6_K"])
+def test_k_quant_layers_match_their_twin_on_the_packed_kernel(kind):
+    layer = gguf_pack(_random_blocks(kind, 32, 2, seed=1), kind, (32, 512)).prepare("packed")
+    assert layer.kernel == "packed"
+    x = torch.randn(2, 512)
+    twin = x @ layer.dequantize().T
+    assert ((layer(x) - twin).abs() <= 2**-7 * (x.abs() @ _magnitudes(layer).T) + 1e-6).all()
 
 
 def test_the_embedded_files_blocks_unpack_exactly(gguf_path):
@@ -184,8 +197,8 @@ def test_the_embedded_files_blocks_unpack_exactly(gguf_path):
 
 
 def test_gguf_types_not_packed_are_refused():
-    with pytest.raises(InfLLMLiteError, match="Q6_K is not packed here"):
-        gguf_pack(np.zeros((2, 210), np.uint8), "Q6_K", (2, 256))
+    with pytest.raises(InfLLMLiteError, match="Q5_K is not packed here"):
+        gguf_pack(np.zeros((2, 176), np.uint8), "Q5_K", (2, 256))
 
 
 # ---------------------------------------------------------------- options

@@ -42,7 +42,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                    help="compute dtype (default: float32 on the CPU, bfloat16 on GPUs)")
     p.add_argument("--quantize", choices=("int8", "int4", "gguf"), default=None,
                    help="weight-only quantized linear layers: int8 (per channel), int4 (groups of "
-                        "--group-size), gguf (a GGUF file's Q8_0/Q4_0/Q4_1 blocks kept packed); "
+                        "--group-size), gguf (a GGUF file's Q8_0/Q4_0/Q4_1/Q4_K/Q6_K blocks kept packed); "
                         "default: float weights")
     p.add_argument("--group-size", type=int, default=None, metavar="G",
                    help="int4's group size: 32 (default), 64 or 128")

@@ -3,7 +3,7 @@
 
 ``quantize="int8"`` / ``"int4"`` quantize the float weights after loading (the LM head
 too; a tied embedding then reads the head's pack). ``quantize="gguf"`` keeps a GGUF
-file's Q8_0/Q4_0/Q4_1 weights packed as they are in the file (no float32 copy is ever
+file's Q8_0/Q4_0/Q4_1/Q4_K/Q6_K weights packed as they are in the file (no float32 copy is ever
 made of them); with no source it reads the embedded model's GGUF. It is not the default
 for GGUF sources: the float32 path stays the parity reference, and a converted folder
 loads faster than the GGUF is read."""
@@ -80,7 +80,7 @@ def load_hf_folder(folder: Path, *, dtype: torch.dtype, device: torch.device, qu
 def load_gguf(path: Path, *, dtype: torch.dtype, device: torch.device, progress: bool = True,
               quantize: str | None = None, group_size: int | None = None,
               packed: bool = False) -> tuple[Transformer, Tokenizer]:
-    """Dequantize in memory (``packed``: keep Q8_0/Q4_0/Q4_1 weights packed instead);
+    """Dequantize in memory (``packed``: keep Q8_0/Q4_0/Q4_1/Q4_K/Q6_K weights packed instead);
     only the small tokenizer files pass through a temporary folder."""
     ckpt = read_gguf(path, progress=progress, packed=packed)
     args = ModelArgs.from_hf_config(ckpt.config)

@@ -15,12 +15,13 @@ What llama.cpp's converter (``convert_hf_to_gguf.py``) changed, and is undone he
   ``LlamaModel``), as transformers' GGUF loader also assumes;
 * a tied output layer is simply absent (no ``output.weight``): ``tie_word_embeddings``.
 
-``read_gguf(path, packed=True)`` keeps Q8_0/Q4_0/Q4_1 linear weights (and the token
-embedding) as they are in the file: each becomes a :class:`QuantizedLinear` whose pack
-*is* the file's blocks (``gguf_pack``; Q4_1 ``d``/``m`` -> int4 scales/offsets, Q4_0
-offsets ``-8 d``, Q8_0 -> grouped int8), with no float32 copy; their dequantization
-equals ``gguf.quants.dequantize`` bit for bit. Other quantized types (Q4_K, Q6_K, ...)
-are refused before any tensor is read.
+``read_gguf(path, packed=True)`` keeps Q8_0/Q4_0/Q4_1/Q4_K/Q6_K linear weights (and the
+token embedding) packed: each becomes a :class:`QuantizedLinear` (``gguf_pack``) with no
+float32 copy: Q4_0/Q4_1's blocks *are* int4 packs (``d``/``m`` -> scales/offsets, Q4_0
+offsets ``-8 d``), Q8_0 is grouped int8, Q4_K int4 with groups of 32 (its nibbles
+regrouped), Q6_K int8 with groups of 16; their dequantization equals
+``gguf.quants.dequantize`` bit for bit. Other quantized types (Q5_K, IQ*, ...) are
+refused before any tensor is read.
 
 Mistral GGUFs use the ``llama`` architecture; they load as ``LlamaForCausalLM`` (the same
 network; a GGUF does not record Mistral's sliding window).
@@ -41,7 +42,7 @@ import torch
 
 from ..config import ModelArgs
 from ..errors import InfLLMLiteError
-from ..models.quantized import QuantizedLinear
+from ..models.quantized import QuantizedLinear, pack_int4
 from ..rope import rope_inv_freq
 from .gguf_tokenizer import build_tokenizer
 
@@ -79,24 +80,65 @@ class GGUFCheckpoint:
     packs: dict[str, QuantizedLinear] | None = None
 
 
-PACKED_TYPES = ("Q8_0", "Q4_0", "Q4_1")  # GGUF quantizations kept packed
+PACKED_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K")  # GGUF quantizations kept packed
 _FLOAT_TYPES = ("F32", "F16", "BF16", "F64")
+_BLOCK = {"Q8_0": 32, "Q4_0": 32, "Q4_1": 32, "Q4_K": 256, "Q6_K": 256}  # weights per block
+
+
+def _f16(b: np.ndarray) -> torch.Tensor:
+    """(..., 2) bytes -> (...) float16 values."""
+    return torch.from_numpy(np.ascontiguousarray(b).view(np.float16)[..., 0])
+
+
+def _q4_k(b: np.ndarray, out: int, n: int) -> QuantizedLinear:
+    """Q4_K: 256-weight super-blocks of 8 sub-blocks of 32: ``w = (d sc) q - dmin m``
+    (6-bit ``sc``, ``m``), i.e. int4 with groups of 32, ``s = d sc``, ``o = -(dmin m)``
+    (both exact in float32). Its nibbles pair sub-blocks 2j and 2j+1: regrouped here
+    into ours (integer work, no float copy of the weights)."""
+    d, dmin = _f16(b[..., 0:2]).float(), _f16(b[..., 2:4]).float()  # (out, blocks)
+    sc = b[..., 4:16].reshape(out, -1, 3, 4)
+    lo, hi, mix = sc[:, :, 0], sc[:, :, 1], sc[:, :, 2]
+    scale = np.concatenate([lo & 0x3F, (mix & 0x0F) | ((lo >> 2) & 0x30)], axis=-1)  # (out, blocks, 8)
+    mins = np.concatenate([hi & 0x3F, (mix >> 4) | ((hi >> 2) & 0x30)], axis=-1)
+    qs = b[..., 16:].reshape(out, -1, 4, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 1, 2, 1)
+    q = torch.from_numpy(np.ascontiguousarray(qs & 0x0F).reshape(out, n))
+    scales = (d[..., None] * torch.from_numpy(scale.astype(np.float32))).reshape(out, -1)
+    offsets = -(dmin[..., None] * torch.from_numpy(mins.astype(np.float32))).reshape(out, -1)
+    return QuantizedLinear("int4", n, out, 32, pack_int4(q, 32), scales, offsets)
+
+
+def _q6_k(b: np.ndarray, out: int, n: int) -> QuantizedLinear:
+    """Q6_K: 256-weight super-blocks of 16 groups of 16: ``w = (d sc) (q - 32)``, 6-bit
+    ``q``, int8 ``sc``: grouped int8 with groups of 16, ``s = d sc`` (exact in float32)."""
+    ql = b[..., :128].reshape(out, -1, 2, 1, 64) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 1, 2, 1)
+    ql = (ql & 0x0F).reshape(out, -1, 8, 32)
+    qh = b[..., 128:192].reshape(out, -1, 2, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 1, 4, 1)
+    qh = (qh & 0x03).reshape(out, -1, 8, 32)
+    q = ((ql | (qh << 4)).astype(np.int8) - np.int8(32)).reshape(out, n)
+    sc = torch.from_numpy(np.ascontiguousarray(b[..., 192:208]).view(np.int8).astype(np.float32))  # (out, blocks, 16)
+    scales = (_f16(b[..., 208:210]).float()[..., None] * sc).reshape(out, -1)
+    return QuantizedLinear("int8", n, out, 16, torch.from_numpy(q), scales)
 
 
 def gguf_pack(blocks: np.ndarray, type_name: str, shape: tuple[int, int]) -> QuantizedLinear:
-    """A Q8_0/Q4_0/Q4_1 tensor's raw rows (``(out, bytes)`` uint8, as ``GGUFReader`` gives
-    them) as a :class:`QuantizedLinear` of ``shape`` (out, in) with groups of 32."""
+    """A Q8_0/Q4_0/Q4_1/Q4_K/Q6_K tensor's raw rows (``(out, bytes)`` uint8, as
+    ``GGUFReader`` gives them) as a :class:`QuantizedLinear` of ``shape`` (out, in)."""
     out, n = shape
-    groups = n // 32
-    if type_name not in PACKED_TYPES or n % 32:
+    if type_name not in PACKED_TYPES or n % _BLOCK[type_name]:
         raise InfLLMLiteError(f"GGUF type {type_name} is not packed here (packed: {', '.join(PACKED_TYPES)})")
-    b = np.ascontiguousarray(blocks, dtype=np.uint8).reshape(out, groups, -1)
-    d = torch.from_numpy(b[..., 0:2].copy().view(np.float16)[..., 0])  # (out, groups)
+    groups = n // 32
+    b = np.ascontiguousarray(blocks, dtype=np.uint8).reshape(out, n // _BLOCK[type_name], -1)
+    if type_name == "Q4_K":
+        return _q4_k(b, out, n)
+    if type_name == "Q6_K":
+        return _q6_k(b, out, n)
+    b = b.reshape(out, groups, -1)
+    d = _f16(b[..., 0:2])  # (out, groups)
     if type_name == "Q8_0":
         q = torch.from_numpy(b[..., 2:].copy().view(np.int8).reshape(out, n))
         return QuantizedLinear("int8", n, out, 32, q, d)
     if type_name == "Q4_1":
-        offsets = torch.from_numpy(b[..., 2:4].copy().view(np.float16)[..., 0])
+        offsets = _f16(b[..., 2:4])
         qs = b[..., 4:]
     else:  # Q4_0: d * (q - 8) = q * d + (-8 d), exactly (8 d is exact; the sum is representable)
         offsets = -8 * d
@@ -334,7 +376,7 @@ def _check_complete(tensors: dict, config: dict, path: Path) -> None:
 
 def read_gguf(path: str | os.PathLike, progress: bool = False, packed: bool = False) -> GGUFCheckpoint:
     """Read a llama/qwen2 GGUF file into config, float32 HF tensors and tokenizer
-    (``packed``: its Q8_0/Q4_0/Q4_1 weights kept packed, in ``packs``)."""
+    (``packed``: its Q8_0/Q4_0/Q4_1/Q4_K/Q6_K weights kept packed, in ``packs``)."""
     path = Path(path)
     reader = _open(path)
     meta = _metadata(reader, path)

@@ -324,3 +324,11 @@ def test_embedded_gguf_kept_packed_equals_the_float32_weights(smollm, gguf_packe
         got = packed(ids)[0, -1]
     assert got.argmax() == want.argmax()
     assert (got - want).abs().max() < 0.05 * want.abs().max()
+
+
+def test_int4_model_compiled_decodes_as_eager(tiny):
+    """``compile=True`` (about 9 s here: the one compiled test of this file)."""
+    model, tok = tiny
+    q = quantize_model(copy.deepcopy(model), "int4", 32, kernel="packed")
+    eager = generate(q, tok, "Once upon a time", max_new_tokens=8)
+    assert generate(q, tok, "Once upon a time", max_new_tokens=8, compile=True) == eager

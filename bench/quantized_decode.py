@@ -9,6 +9,8 @@ probe and first-use packing happen there or at load), then ``--runs`` timed gree
 generations through ``generate_ids`` (full attention by default) of ``--new-tokens``
 tokens; medians. Cells interleave across runs (variant order rotated per run) so a noisy
 neighbour hurts all alike. ``INFLLM_LITE_QUANT_KERNEL=packed|dequant`` forces the kernel.
+``--fresh`` runs each variant in a process of its own instead (not interleaved), so each
+row's peak RSS is its own (``peak_rss_mib``; in one process it is the run's).
 """
 
 from __future__ import annotations
@@ -16,7 +18,10 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import resource
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -65,13 +70,33 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=3, help="timed runs per variant, medians (default 3)")
     p.add_argument("--attention", default="full", help="attention mode (default full)")
     p.add_argument("--out", default=None, help="write the results as JSON here (default: print only)")
+    p.add_argument("--fresh", action="store_true", help="each variant in a fresh process (its own peak RSS)")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
     names = a.variants.split(",")
     for n in names:
         if n not in VARIANTS:
             p.error(f"unknown variant {n!r}: choose from {', '.join(VARIANTS)}")
     torch.set_num_threads(a.threads)
+    rows = fresh_rows(a, names) if a.fresh else measure(a, names)
+    if a.child:
+        print(json.dumps(rows))
+        return
+    report(a, names, rows)
 
+
+def fresh_rows(a, names) -> dict:
+    rows = {}
+    for name in names:
+        cmd = [sys.executable, __file__, "--child", "--variants", name, "--threads", str(a.threads),
+               "--prompt-tokens", str(a.prompt_tokens), "--new-tokens", str(a.new_tokens),
+               "--runs", str(a.runs), "--attention", a.attention]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        rows.update(json.loads(out.strip().splitlines()[-1]))
+    return rows
+
+
+def measure(a, names) -> dict:
     models, rows = {}, {}
     for name in names:
         t0 = time.perf_counter()
@@ -91,12 +116,18 @@ def main() -> None:
             rows[name]["prefill"].append(stats.prefill_tokens_per_second)
             rows[name]["decode"].append(stats.decode_tokens_per_second)
             rows[name]["kernels"] = model_kernels(model)
+    for name in names:
+        rows[name]["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return rows
 
+
+def report(a, names, rows) -> None:
     base = rows.get("float32")
     print(f"\nembedded SmolLM2-135M, {a.prompt_tokens}-token prompt, {a.new_tokens} new tokens, "
           f"{a.threads} threads, {a.attention} attention, medians of {a.runs}")
-    print("| weights | prefill tok/s | decode tok/s | decode vs float32 | weights MiB | vs float32 | linear layers' kernels |")
-    print("|---|---|---|---|---|---|---|")
+    print("| weights | prefill tok/s | decode tok/s | decode vs float32 | weights MiB | vs float32 | peak RSS MiB | "
+          "linear layers' kernels |")
+    print("|---|---|---|---|---|---|---|---|")
     for name in names:
         r = rows[name]
         r["prefill_tok_s"] = statistics.median(r["prefill"])
@@ -104,7 +135,8 @@ def main() -> None:
         speed = f"{r['decode_tok_s'] / base['decode_tok_s']:.2f}x" if base and base["decode_tok_s"] else "-"
         size = f"{r['weights_bytes'] / base['weights_bytes']:.2f}x" if base else "-"
         print(f"| {name} | {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.1f} | {speed} | "
-              f"{r['weights_bytes'] / 2**20:.0f} | {size} | {r.get('kernels')} |")
+              f"{r['weights_bytes'] / 2**20:.0f} | {size} | {r['peak_rss_mib']:.0f}{'' if a.fresh else ' (run)'} | "
+              f"{r.get('kernels')} |")
     if a.out:
         result = {"args": vars(a), "machine": platform.processor() or platform.machine(),
                   "torch": torch.__version__, "rows": rows}

@@ -6,12 +6,13 @@ Packs (the canonical form; ``state_dict`` holds it, GGUF blocks load into it as 
 
 * ``int8``: ``qweight`` int8 (out, groups, G), ``scales`` (out, groups): ``w = q * s``
   (symmetric; per-channel is one group per row, ``round(w / s)``, ``s = amax / 127``).
-  GGUF Q8_0 is the same with groups of 32 and float16 scales.
+  GGUF Q8_0 is the same with groups of 32 and float16 scales, Q6_K with groups of 16.
 * ``int4``: ``qweight`` uint8 (out, in / G, G / 2), ``scales`` and ``offsets``
   (out, in / G): ``w = q * s + o`` with ``q`` in 0..15 (asymmetric, ``o`` the group's
   minimum). Byte ``j`` of a group holds ``q[j]`` in its low nibble and ``q[j + G/2]`` in
   its high one: GGUF's Q4_0/Q4_1 block layout, so a Q4_1 block *is* a pack (``s = d``,
-  ``o = m``; Q4_0: ``o = -8 d``). Our own quantization stores ``s``, ``o`` as float16.
+  ``o = m``; Q4_0: ``o = -8 d``; Q4_K, regrouped, float32 ``s``, ``o``). Our own
+  quantization stores ``s``, ``o`` as float16.
 
 The twin (``dequantize``) computes ``q * s + o`` in float32 as two separate operations
 (no fused multiply-add), the arithmetic of the ``gguf`` package: equal to its

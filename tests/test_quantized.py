@@ -332,3 +332,22 @@ def test_int4_model_compiled_decodes_as_eager(tiny):
     q = quantize_model(copy.deepcopy(model), "int4", 32, kernel="packed")
     eager = generate(q, tok, "Once upon a time", max_new_tokens=8)
     assert generate(q, tok, "Once upon a time", max_new_tokens=8, compile=True) == eager
+
+
+def test_load_model_quantizes_a_folder(tiny, tiny_folder):
+    model, tok = tiny
+    q, _ = load_model(tiny_folder, quantize="int4", group_size=32, device="cpu", progress=False)
+    assert q.quantization == "int4/g32" and isinstance(q.lm_head, QuantizedLinear)
+    assert torch.equal(q.layers[0].mlp.up_proj.dequantize(),
+                       QuantizedLinear.from_float(model.layers[0].mlp.up_proj.weight, None, "int4", 32).dequantize())
+    ids = torch.tensor([tok.encode("Once upon a time")])
+    with torch.inference_mode():
+        assert torch.equal(q.embed_tokens(ids), q.lm_head.dequantize()[ids])  # the tied embedding reads the head
+
+
+def test_cli_refuses_a_bad_group_size_with_one_line(capsys, tiny_folder):
+    from infllm_lite.cli import main
+
+    code = main(["generate", "--model", str(tiny_folder), "--prompt", "Hi", "--quantize", "int4", "--group-size", "48"])
+    err = capsys.readouterr().err
+    assert code == 1 and err == "error: int4 group size 48: choose one of 32, 64, 128\n"

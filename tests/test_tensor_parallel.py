@@ -401,7 +401,9 @@ def test_torchrun_eval_data_parallel_equals_one_process(tiny_folder, tmp_path, c
     done = torchrun(args + ["--out", str(tmp_path / "two")])
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("wrote ") == 1  # rank 0 prints
-    timing = ("prefill_seconds", "prefill_tokens_per_s", "decode_tokens_per_s", "date", "command")
+    # what differs between two runs of the same plan: clocks, the command, and the threads
+    # per process (torchrun gives each rank OMP_NUM_THREADS=1)
+    timing = ("prefill_seconds", "prefill_tokens_per_s", "decode_tokens_per_s", "date", "command", "threads")
 
     def strip(x):
         if isinstance(x, dict):

@@ -15,9 +15,9 @@ Conventions (resolutions of points SPEC leaves implicit, see also the test modul
   ``i`` even when it was still local to the chunk's first query. This is the reading under
   which every past token is visible exactly once whenever all blocks are selected, for any
   chunking (§4 consequence 2 holds beyond one-token chunks), and no token is seen twice (§9).
-* RoPE angles are ``position · inv_freq`` computed in float32, as the model's
-  ``RotaryEmbedding`` does (the rounding of the angle is part of the model), then cos/sin
-  and everything after in float64.
+* RoPE angles are ``position · inv_freq`` in float64, exact, as the model's
+  ``RotaryEmbedding`` forms them (so positions near a million are as exact as small
+  ones), then cos/sin and everything after in float64.
 * Ties (scores exactly equal) are broken by the lower index, both for representative
   tokens and for retrieval; SPEC says ties do not matter, and tests accept any near-tie choice.
 """
@@ -72,8 +72,8 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def rope_at(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
     """Rotate x (..., T, d) float64 by the angles of positions (T,)."""
-    angles = positions.to(torch.float32)[:, None] * inv_freq.to(torch.float32)[None, :]  # (T, d/2)
-    emb = torch.cat((angles, angles), dim=-1).to(torch.float64)  # (T, d)
+    angles = positions.to(torch.float64)[:, None] * inv_freq.to(torch.float64)[None, :]  # (T, d/2)
+    emb = torch.cat((angles, angles), dim=-1)  # (T, d)
     return x * emb.cos() + rotate_half(x) * emb.sin()
 
 

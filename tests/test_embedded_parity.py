@@ -5,6 +5,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from exact_rope import exact_rope  # noqa: E402
 from infllm_lite.attention.full import FullAttentionState  # noqa: E402
 from infllm_lite.generate import generate_ids  # noqa: E402
 
@@ -19,7 +20,7 @@ def reference(gguf_path):
     ref = transformers.AutoModelForCausalLM.from_pretrained(
         gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
     ref.config._attn_implementation = "sdpa"
-    return ref.eval()
+    return exact_rope(ref.eval())
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from exact_rope import exact_rope  # noqa: E402
 from infllm_lite.attention.full import FullAttentionState  # noqa: E402
 from infllm_lite.config import ModelArgs  # noqa: E402
 from infllm_lite.models.build import build_model  # noqa: E402
@@ -34,7 +35,7 @@ def _pair(case):
     torch.manual_seed(0)
     config = getattr(transformers, config_cls)(**{**BASE, **extra})
     config._attn_implementation = "sdpa"
-    ref = getattr(transformers, model_cls)(config).float().eval()
+    ref = exact_rope(getattr(transformers, model_cls)(config).float().eval())
     with torch.no_grad():  # random init leaves biases at 0 and norms at 1: perturb everything
         for p in ref.parameters():
             p.add_(torch.randn_like(p) * 0.02)

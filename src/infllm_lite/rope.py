@@ -2,7 +2,10 @@
 
 Angles are computed on the fly from the positions of a call (``positions × inv_freq``):
 no table to grow, and any position works, which InfLLM needs (it rotates queries and
-keys at positions other than their own).
+keys at positions other than their own). The angle is formed in float64 (an integer
+times a float32 frequency: exact) before its cos/sin, so attention at position 1,000,000
+is as exact as at position 0; float32 angles (as transformers forms them) are rounded by
+up to 0.03 rad there.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        angles = positions.float()[..., None] * self.inv_freq  # (..., d/2), float32
+        angles = positions.double()[..., None] * self.inv_freq.double()  # (..., d/2), exact in float64
         emb = torch.cat((angles, angles), dim=-1)  # (..., d)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 

@@ -108,7 +108,7 @@ def test_bad_prompts_give_one_clear_line(capsys, tiny_folder, tmp_path):
     with pytest.raises(SystemExit) as exit_:  # argparse: a usage error naming the choices
         run_cli(capsys, "generate", "--model", str(tiny_folder), "--prompt", "Hi", "--attention", "sparse")
     assert exit_.value.code == 2
-    assert "invalid choice: 'sparse' (choose from 'full', 'streaming', 'infllm')" in capsys.readouterr().err
+    assert "invalid choice: 'sparse' (choose from 'full', 'streaming', 'lm-infinite', 'infllm')" in capsys.readouterr().err
 
 
 def test_convert_rejects_a_missing_file(capsys, tmp_path):
@@ -145,7 +145,7 @@ def _help(capsys, command) -> str:
 def test_chat_help_lists_the_commands_and_the_options(capsys):
     text = _help(capsys, "chat")
     assert "Inside: /reset, /save FILE, /load FILE, /stats, /help, /exit; Ctrl-C stops an answer." in text
-    for option in ("--attention {full,streaming,infllm}", "--file DOC", "--load FILE", "--system TEXT",
+    for option in ("--attention {full,streaming,lm-infinite,infllm}", "--file DOC", "--load FILE", "--system TEXT",
                    "--max-new-tokens N", "--n-local N", "--attention-kernel"):
         assert option in text, option
     assert "default infllm" in text and "default 512" in text

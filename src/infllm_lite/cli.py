@@ -65,9 +65,14 @@ def _add_memory_options(p: argparse.ArgumentParser) -> None:
     from .config import ModelArgs
     from .memory_config import MemoryConfig
     m = MemoryConfig.for_model(ModelArgs(max_position_embeddings=EMBEDDED_NATIVE_WINDOW))
+    from .memory_presets import PRESETS
     g = p.add_argument_group(
-        "memory (streaming uses --n-init and --n-local, infllm all; the defaults follow the model's "
-        f"native window, given here for SmolLM2's {EMBEDDED_NATIVE_WINDOW} tokens)")
+        "memory (streaming and lm-infinite use --n-init and --n-local, infllm all; the defaults follow "
+        f"the model's native window, given here for SmolLM2's {EMBEDDED_NATIVE_WINDOW} tokens)")
+    g.add_argument("--memory-preset", default=None, choices=sorted(PRESETS), metavar="NAME",
+                   help="start from a named configuration, the InfLLM paper's or its repository's, checked "
+                        "against the model (the options below override it; default: none, the model's "
+                        "own default): " + ", ".join(sorted(PRESETS)))
     for name, meaning in (
             ("n-init", f"initial (sink) tokens (default: 128, at most half the local window; "
                        f"SmolLM2: {m.n_init})"),

@@ -19,7 +19,7 @@ OPTION_MODES = {
     "n_init": MEMORY_MODES, "n_local": MEMORY_MODES,
     "block_size": ("infllm",), "topk": ("infllm",), "max_cached_blocks": ("infllm",),
     "cache_policy": ("infllm",), "max_host_bytes": ("infllm",), "offload_dir": ("infllm",),
-    "attention_kernel": ("infllm",), "compile": ("full",),
+    "attention_kernel": ("infllm",), "compile": ("full",), "memory_preset": MEMORY_MODES,
 }
 
 # Numeric options: (rule met, what the rule says).
@@ -89,6 +89,9 @@ def memory_config_from_args(args, model):
     """The MemoryConfig the memory options ask for (None: the model's default)."""
     from .memory_config import MemoryConfig
     overrides = {k: getattr(args, k) for k in MEMORY_OPTIONS if getattr(args, k) is not None}
+    preset = getattr(args, "memory_preset", None)
+    if preset is not None:
+        return MemoryConfig.preset(preset, model.args, **overrides)
     return MemoryConfig.for_model(model.args, **overrides) if overrides else None
 
 

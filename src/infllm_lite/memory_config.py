@@ -86,6 +86,14 @@ class MemoryConfig:
             overrides.setdefault("max_cached_blocks", max(config.max_cached_blocks, overrides["topk"]))
         return replace(config, **overrides)
 
+    @classmethod
+    def preset(cls, name: str, args: ModelArgs | None = None, **overrides) -> "MemoryConfig":
+        """A named configuration (:mod:`.memory_presets`: the InfLLM paper's and its
+        repository's, e.g. ``"infllm-mistral-paper"``), validated for the model ``args`` it
+        is applied to; ``overrides`` replace fields of it."""
+        from .memory_presets import preset_fields
+        return cls(**{**preset_fields(name, args), **overrides})
+
     def to_dict(self) -> dict:
         return asdict(self)
 

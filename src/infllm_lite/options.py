@@ -12,9 +12,9 @@ import re
 from .errors import InfLLMLiteError
 
 # attention modes: what each layer's memory keeps (see attention/)
-ATTENTION_MODES = ("full", "streaming", "infllm")
+ATTENTION_MODES = ("full", "streaming", "lm-infinite", "infllm")
 # modes with a context memory, configured by a MemoryConfig
-MEMORY_MODES = ("streaming", "infllm")
+MEMORY_MODES = ("streaming", "lm-infinite", "infllm")
 # how the infllm mode computes its joint attention (attention/kernels.py); "auto" is the
 # window kernel on the CPU (measured twice as fast there as compiled flex), flex elsewhere
 ATTENTION_KERNELS = ("auto", "flex", "flex-eager", "window", "window-eager", "torch")

@@ -20,7 +20,7 @@ def make_attention_state(mode: str, args: ModelArgs, *, capacity: int,
                          kernel: "str | InfLLMKernel" = "auto") -> AttentionState:
     """A fresh attention memory of the given mode.
 
-    ``full`` preallocates ``capacity`` tokens; ``streaming`` and ``infllm`` are unbounded
+    ``full`` preallocates ``capacity`` tokens; ``streaming``, ``lm-infinite`` and ``infllm`` are unbounded
     and follow ``memory`` (default: ``MemoryConfig.for_model(args)``); ``kernel`` chooses
     how ``infllm`` computes its attention (``auto``, ``window``, ``flex``, … see
     :mod:`.infllm`).
@@ -35,6 +35,9 @@ def make_attention_state(mode: str, args: ModelArgs, *, capacity: int,
     if mode == "streaming":
         from .streaming import StreamingState
         return StreamingState(args, memory, batch_size=batch_size, dtype=dtype, device=device)
+    if mode == "lm-infinite":
+        from .lm_infinite import LMInfiniteState
+        return LMInfiniteState(args, memory, batch_size=batch_size, dtype=dtype, device=device)
     from .infllm import InfLLMState
     return InfLLMState(args, memory, batch_size=batch_size, dtype=dtype, device=device, kernel=kernel)
 

@@ -33,7 +33,7 @@ def state_bytes(mode: str, args: ModelArgs, n_tokens: int, memory: MemoryConfig 
     if mode == "full":
         return 2 * L * Hkv * n_tokens * d * elem
     cfg = memory if memory is not None else MemoryConfig.for_model(args)
-    if mode == "streaming":
+    if mode in ("streaming", "lm-infinite"):  # the same sinks and ring
         return 2 * L * Hkv * (cfg.n_init + cfg.n_local - 1) * d * elem
     lay = SlotLayout.build(cfg, batch_size=1, group=H // Hkv)
     slots = 3 * Hkv * lay.n_slots * (d + 2) * 4  # k_rot, k_raw, v (float32)

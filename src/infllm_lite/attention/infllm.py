@@ -30,8 +30,9 @@ layer (1) stores the chunk's keys, (2) selects the blocks (all if few, else top-
 its kernel (local keys at their true RoPE positions, far
 keys with the query at ``n_local - 1``, one softmax), (4) adds the local probabilities to
 the tail's scores, (5) forms every block that left the window, vectorised over blocks.
-Chunks are padded to ``exc_block_size`` queries (a single-token decode step stays one
-query), so compiled attention sees two shapes in a whole generation. Counts used for
+Chunks are padded (a single-token decode step stays one query) to the few row counts
+of the kernel's geometry (flex: ``exc_block_size``; window: whole query tiles in a
+power-of-two count), so compiled attention sees a few shapes in a whole generation. Counts used for
 slicing are host-side integers derived from positions; the selection is read on the host
 only by the pool's page table (one read per chunk and layer, free on the CPU).
 

@@ -69,6 +69,10 @@ class _Slice:
     k_win_rope: tuple[torch.Tensor, torch.Tensor]  # window keys (ring, then new) at j - c
     sink_hidden: torch.Tensor  # (Q, n_sinks): True where a key is invisible
     win_hidden: torch.Tensor  # (Q, window keys)
+    # LM-Infinite (:mod:`.lm_infinite`): the sink logits of pairs at distance >= the cap are
+    # taken at the cap (query at the cap, sink un-rotated); None when no pair of the slice is
+    sink_capped: torch.Tensor | None = None  # (Q, n_sinks) True where the distance is capped
+    q_cap_rope: tuple[torch.Tensor, torch.Tensor] | None = None  # the queries at the cap
 
 
 @dataclass
@@ -122,7 +126,7 @@ class StreamingLayerAttention(LayerAttention):
             qs = qf[..., s.start:s.stop, :]  # (B, Hkv, G, Q, d)
             parts = []  # (scores, values) of the sinks and of the window
             if n_s:
-                parts.append((_masked_scores(apply_rope(qs, *s.q_sink_rope), k_sinks, s.sink_hidden), v_sinks))
+                parts.append((self._sink_scores(qs, s, k_sinks, n_s), v_sinks))
             if s.use_ring or s.new_hi > s.new_lo:  # (no window keys when the slice holds only sinks)
                 keys, values = [k[:, :, s.new_lo:s.new_hi]], [v[:, :, s.new_lo:s.new_hi]]
                 if s.use_ring:
@@ -145,6 +149,18 @@ class StreamingLayerAttention(LayerAttention):
             self.v_ring.index_copy_(2, plan.ring_index, v[:, :, plan.ring_src:])
         return out.reshape(B, H, T, d).to(q.dtype)
 
+    def _sink_scores(self, qs: torch.Tensor, s: _Slice, k_sinks: torch.Tensor, n_s: int) -> torch.Tensor:
+        """The slice's scores (B, Hkv, G·Q, n_s) of the sinks (rotated at their positions):
+        the queries at their re-assigned positions; where the plan caps a pair's distance
+        (LM-Infinite), the query at the cap against the un-rotated sink."""
+        scores = _masked_scores(apply_rope(qs, *s.q_sink_rope), k_sinks, s.sink_hidden)
+        if s.sink_capped is None:
+            return scores
+        raw = self.k_sink[:, :, :n_s].float()
+        capped = _masked_scores(apply_rope(qs, *s.q_cap_rope), raw, s.sink_hidden)
+        B, Hkv, G = qs.shape[:3]
+        return torch.where(s.sink_capped, capped.view(B, Hkv, G, *s.sink_capped.shape),
+                           scores.view(B, Hkv, G, *s.sink_capped.shape)).view_as(scores)
 
     def _held(self) -> tuple[int, int]:
         """(sink slots, ring slots) in use after ``state.length`` tokens (the ring fills
@@ -166,6 +182,8 @@ class StreamingLayerAttention(LayerAttention):
 
 class StreamingState(AttentionState):
     """Sinks + window ring of every layer for one generation (batch sequences in step)."""
+
+    distance_cap: int | None = None  # LM-Infinite's cap on a sink's distance (None: StreamingLLM's positions)
 
     def __init__(self, args: ModelArgs, memory: MemoryConfig, *, batch_size: int = 1,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
@@ -217,10 +235,19 @@ class StreamingState(AttentionState):
             dist = i[:, None] - win_pos[None, :]
             win_mask = (dist >= 0) & (dist < n_local) & (win_pos >= n_init)[None, :]
             sink_mask = sink_pos[None, :] <= i[:, None]
+            sink_capped = q_cap_rope = None
+            if self.distance_cap is None:
+                q_sink_rope = rot(i.clamp(max=top))
+            else:  # true positions below the cap, the cap itself from there
+                q_sink_rope = rot(i)
+                if b - 1 >= self.distance_cap:  # the slice's last query and sink 0 (host ints: no sync)
+                    sink_capped = i[:, None] - sink_pos[None, :] >= self.distance_cap  # (Q, n_sinks)
+                    q_cap_rope = rot(torch.full_like(i, self.distance_cap))
             slices.append(_Slice(start=a - L, stop=b - L, use_ring=use_ring, new_lo=lo - L,
-                                 new_hi=max(lo, hi) - L, q_sink_rope=rot(i.clamp(max=top)),
+                                 new_hi=max(lo, hi) - L, q_sink_rope=q_sink_rope,
                                  q_win_rope=rot(i - c), k_win_rope=rot(win_pos - c),
-                                 sink_hidden=~sink_mask, win_hidden=~win_mask))
+                                 sink_hidden=~sink_mask, win_hidden=~win_mask,
+                                 sink_capped=sink_capped, q_cap_rope=q_cap_rope))
 
         ring_first = max(L, n_init, end - R)
         ring_index = None

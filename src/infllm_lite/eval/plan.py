@@ -20,7 +20,7 @@ from .tasks import TRUNCATION_PREFIX, get_task
 
 # the eval's order of the attention modes (default plan, reports, plots): InfLLM first, the
 # baselines after it; a mode added to options.ATTENTION_MODES comes last
-_ORDER = ("infllm", "streaming", "full")
+_ORDER = ("infllm", "streaming", "lm-infinite", "full")
 MODES = tuple(sorted(ATTENTION_MODES, key=lambda m: _ORDER.index(m) if m in _ORDER else len(_ORDER)))
 
 

@@ -28,7 +28,8 @@ from .completions import ClientGone, Job, run_job
 from .conversations import ConversationStore
 from .metrics import ServerMetrics
 from .runner import EngineRunner
-from .schemas import APIError, ChatRequest, CompletionRequest, ConversationCreate, Extensions, bad_request, parse
+from .schemas import (FULL_HAS_NO_MEMORY, APIError, ChatRequest, CompletionRequest, ConversationCreate, Extensions,
+                      bad_request, parse)
 from .settings import ServerSettings
 
 log = logging.getLogger("infllm_lite.server")
@@ -248,7 +249,7 @@ def create_app(model, tokenizer, settings: ServerSettings) -> FastAPI:
         body = parse(ConversationCreate, raw if raw.strip() else b"{}")
         check_model(body.model)
         if body.memory is not None and body.attention == "full":
-            raise bad_request("memory applies to attention 'streaming' and 'infllm', not 'full'", param="memory")
+            raise bad_request(FULL_HAS_NO_MEMORY, param="memory")
         attention, memory = memory_of(body)
         conv = await run_in_threadpool(store.create, who, attention, memory, body.system)
         return conv.info()

@@ -57,6 +57,10 @@ class MemoryOverrides(BaseModel):
         return {k: v for k, v in self.model_dump().items() if v is not None}
 
 
+FULL_HAS_NO_MEMORY = ("memory applies to the attention modes with a context memory "
+                      "(streaming, lm-infinite, infllm), not 'full'")
+
+
 class Extensions(BaseModel):
     attention: Literal[ATTENTION_MODES] | None = None  # type: ignore[valid-type]
     memory: MemoryOverrides | None = None
@@ -100,7 +104,7 @@ class Sampling(Extensions):
         if len(stops) > 4 or any(not s for s in stops):
             raise bad_request("stop takes up to 4 non-empty strings", param="stop")
         if self.memory is not None and self.attention == "full":
-            raise bad_request("memory applies to attention 'streaming' and 'infllm', not 'full'", param="memory")
+            raise bad_request(FULL_HAS_NO_MEMORY, param="memory")
 
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

@@ -291,6 +291,20 @@ def longdialogue_qa(prediction: str, answers: Sequence[str]) -> bool:
     return answers[0] in [word.upper() for word in _blank(prediction, _WORD_SEPARATORS).split()]
 
 
+def string_match_all(prediction: str, answers: Sequence[str]) -> float:
+    """RULER's ``string_match_all`` for one sample: the share of the references found in the
+    prediction, case-insensitive (RULER ``scripts/eval/synthetic/constants.py``)."""
+    pred = prediction.lower()
+    return sum(r.lower() in pred for r in answers) / len(answers) if answers else 0.0
+
+
+def string_match_part(prediction: str, answers: Sequence[str]) -> float:
+    """RULER's ``string_match_part`` for one sample: 1 when any reference is in the
+    prediction, case-insensitive."""
+    pred = prediction.lower()
+    return float(any(r.lower() in pred for r in answers))
+
+
 def rouge_lsum(prediction: str, reference: str) -> float:
     """ROUGE-Lsum F (sentences split at newlines, no stemming), as ``evaluate``'s "rouge"."""
     return _lsum_scorer().score(reference, prediction)["rougeLsum"].fmeasure
@@ -381,6 +395,12 @@ METRICS: dict[str, str] = {
     "lcc": "code_sim",
     "repobench-p": "code_sim",
 }
+# RULER's tasks (generated here: eval/ruler.py), RULER scripts/eval/synthetic/constants.py
+RULER_METRICS: dict[str, str] = {
+    t: "string_match_part" if t.startswith("qa_") else "string_match_all"
+    for t in ("niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1",
+              "niah_multikey_2", "niah_multikey_3", "niah_multivalue", "niah_multiquery",
+              "vt", "cwe", "fwe", "qa_1", "qa_2")}
 
 # Scorers of one reference (the sample's score is the max over its answers) ...
 _PER_REFERENCE: dict[str, Callable[[str, str], float]] = {
@@ -391,7 +411,8 @@ _PER_REFERENCE: dict[str, Callable[[str, str], float]] = {
 # ... and of the whole label list, as InfiniteBench's official code takes it.
 _WHOLE_LABEL: dict[str, Callable[[str, Sequence[str]], float]] = {
     "longbook_choice": longbook_choice, "code_debug": code_debug,
-    "longdialogue_qa": longdialogue_qa,
+    "longdialogue_qa": longdialogue_qa, "string_match_all": string_match_all,
+    "string_match_part": string_match_part,
 }
 
 
@@ -402,9 +423,10 @@ def score(task: str, prediction: str, answers: Sequence[str], *,
     if isinstance(answers, str):
         raise InfLLMLiteError(f"answers must be a sequence of references, "
                               f"got the string {answers!r}")
-    metric = METRICS.get(task)
+    metric = METRICS.get(task) or RULER_METRICS.get(task)
     if metric is None:
-        raise InfLLMLiteError(f"no metric for task {task!r}; known tasks: {', '.join(METRICS)}")
+        raise InfLLMLiteError(f"no metric for task {task!r}; known tasks: "
+                              f"{', '.join([*METRICS, *RULER_METRICS])}")
     if metric in _WHOLE_LABEL:
         return float(_WHOLE_LABEL[metric](prediction, answers))
     if metric == "classification":

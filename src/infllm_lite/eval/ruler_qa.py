@@ -35,7 +35,7 @@ def data_file(task: str, data_dir) -> Path:
                 return path
     where = (f"in {data_dir}" if data_dir is not None else
              "(no data folder reached the generator: `infllm-lite eval` does not yet pass "
-             "--data-dir to generated tasks; call make_ruler_sample(..., data_dir=DIR))")
+             "--data-dir to generated tasks; call synthetic.make_synthetic_sample(..., data_dir=DIR))")
     raise InfLLMLiteError(
         f"{task} is built from RULER's {name} ({'SQuAD 2.0 dev' if task == 'qa_1' else 'HotpotQA dev distractor'}), "
         f"not found {where}: put it in a folder and pass --data-dir (RULER's "

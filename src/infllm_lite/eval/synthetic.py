@@ -29,6 +29,8 @@ from ..errors import InfLLMLiteError
 from ..tokenizer import Tokenizer
 from .passkey import (LENGTH_TOLERANCE, PASSKEY, NeedleTask, check_target, make_needle_sample,
                       token_at)
+from .ruler import QA_TASKS, RULER_TASKS, make_ruler_sample
+from .ruler_qa import make_qa_sample
 from .sample import EvalSample
 from .tasks import build_prompt, get_task
 
@@ -58,23 +60,42 @@ NUMBER_STRING = _RepeatedDigitsTask(
 
 KV_QUESTION = '\nKey: "{key}"\nThe value associated with the specified key is: '  # the record's input
 
-SYNTHETIC_TASKS = ("passkey", "number_string", "kv_retrieval")
+INFINITEBENCH_GENERATED = ("passkey", "number_string", "kv_retrieval")
+
+
+class _GeneratedTasks(tuple):
+    """The generated tasks. Iterating (and ``len``) gives InfiniteBench's three, the ones
+    ``--official`` can also read from files; ``in`` also answers RULER's tasks
+    (:data:`.ruler.RULER_TASKS`), generated too, so the plan and the report, which ask
+    ``task in SYNTHETIC_TASKS``, generate and plot them. A stopgap until the plan names
+    :data:`GENERATED_TASKS` itself."""
+
+    def __contains__(self, task) -> bool:
+        return tuple.__contains__(self, task) or task in RULER_TASKS
+
+
+SYNTHETIC_TASKS = _GeneratedTasks(INFINITEBENCH_GENERATED)
+GENERATED_TASKS = INFINITEBENCH_GENERATED + RULER_TASKS  # every task generated here
 
 
 def make_synthetic_sample(task: str, tokenizer: Tokenizer, n_tokens: int, depth: float,
-                          seed: int) -> EvalSample:
-    """A generated sample of ``task`` (one of :data:`SYNTHETIC_TASKS`) of ``n_tokens`` tokens
+                          seed: int, data_dir=None) -> EvalSample:
+    """A generated sample of ``task`` (one of :data:`GENERATED_TASKS`) of ``n_tokens`` tokens
     after the chat template, its needle at ``depth`` (0 = first, 1 = last).
 
     ``meta`` holds ``length`` (the target), ``n_tokens`` (the actual prompt length), ``depth``,
     ``seed`` and ``needle_token`` (index of the needle's first token in the prompt ids).
     """
+    if task in QA_TASKS:  # RULER's qa_1, qa_2: from the data files in ``data_dir``
+        return make_qa_sample(task, tokenizer, n_tokens, depth, seed, data_dir)
+    if task in RULER_TASKS:
+        return make_ruler_sample(task, tokenizer, n_tokens, depth, seed)
     if task == "kv_retrieval":
         return make_kv_sample(tokenizer, n_tokens, depth, seed)
     needle_tasks = {"passkey": PASSKEY, "number_string": NUMBER_STRING}
     if task not in needle_tasks:
         raise InfLLMLiteError(f"{task!r} is not a generated task; choose among "
-                              f"{', '.join(SYNTHETIC_TASKS)}")
+                              f"{', '.join(GENERATED_TASKS)}")
     s = make_needle_sample(needle_tasks[task], tokenizer, n_tokens, depth, seed)
     return EvalSample(task=task, id=_sample_id(task, n_tokens, depth, seed),
                       prompt=s.messages[0]["content"], answers=(s.key,),

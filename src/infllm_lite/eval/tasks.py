@@ -30,6 +30,9 @@ import re
 from collections.abc import Mapping, Sequence
 
 from ..errors import InfLLMLiteError
+from .ruler import FAMILY as RULER_FAMILY
+from .ruler import MAX_NEW_TOKENS as RULER_MAX_NEW_TOKENS
+from .ruler import RULER_TASKS
 from .sample import TaskSpec
 
 INFINITEBENCH_TASKS = ("passkey", "number_string", "kv_retrieval", "longbook_choice_eng",
@@ -242,15 +245,25 @@ TASKS: dict[str, TaskSpec] = {
     for name in names
 }
 
+# RULER's tasks, generated here (eval/ruler.py renders its templates, chat template and answer
+# prefix included, so the prompt goes in as raw text)
+RULER_SPECS: dict[str, TaskSpec] = {
+    name: TaskSpec(name=name, benchmark="ruler", template="{input}",
+                   max_new_tokens=RULER_MAX_NEW_TOKENS[RULER_FAMILY[name]], metric=name, chat=False)
+    for name in RULER_TASKS
+}
+
 TRUNCATION_PREFIX = 128  # ids the reference's "suffix" truncation keeps from the start
 
 
 def get_task(name: str) -> TaskSpec:
-    """The task called ``name``; an unknown name lists the known ones."""
-    try:
-        return TASKS[name]
-    except KeyError:
-        raise InfLLMLiteError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}") from None
+    """The task called ``name`` (an official one of :data:`TASKS` or RULER's); an unknown
+    name lists the known ones."""
+    spec = TASKS.get(name) or RULER_SPECS.get(name)
+    if spec is None:
+        raise InfLLMLiteError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}; RULER's "
+                              f"(generated): {', '.join(RULER_SPECS)}")
+    return spec
 
 
 def build_prompt(spec: TaskSpec, record: Mapping) -> str:

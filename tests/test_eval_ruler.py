@@ -1,0 +1,148 @@
+"""RULER's tasks generated here (eval/ruler.py): sizes in the model's tokens, needles where
+asked, determinism by seed, RULER's two metrics, and one run of the eval runner."""
+
+import json
+import re
+
+import pytest
+
+from infllm_lite.errors import InfLLMLiteError
+from infllm_lite.eval import metrics
+from infllm_lite.eval.plan import EvalPlan
+from infllm_lite.eval.ruler import NIAH, QA_TASKS, RULER_TASKS, make_ruler_sample
+from infllm_lite.eval.runner import PREDICTIONS, run_eval
+from infllm_lite.eval.synthetic import SYNTHETIC_TASKS, make_synthetic_sample
+from infllm_lite.eval.tasks import get_task
+from infllm_lite.generate import encode_prompt
+
+GENERATED = [t for t in RULER_TASKS if t not in QA_TASKS]
+
+
+def _ids(tokenizer, sample):
+    return encode_prompt(tokenizer, sample.prompt)  # the raw text, as the runner feeds it
+
+
+@pytest.mark.parametrize("n_tokens", [1024, 4096, 8192])
+@pytest.mark.parametrize("task", GENERATED)
+def test_length_within_two_percent(tokenizer, task, n_tokens):
+    sample = make_ruler_sample(task, tokenizer, n_tokens, depth=0.3, seed=7)
+    ids = _ids(tokenizer, sample)
+    assert len(ids) == sample.meta["n_tokens"]
+    # niah_multikey_3's haystack unit, a needle of two UUIDs, is ~60 tokens: 2% from 3K on
+    unit = 64 if task == "niah_multikey_3" else 0
+    assert abs(len(ids) - n_tokens) <= max(0.02 * n_tokens, unit / 2)
+    assert sample.meta["length"] == n_tokens and sample.meta["depth"] == 0.3
+    # the runner's entry point gives the same sample
+    assert make_synthetic_sample(task, tokenizer, n_tokens, 0.3, 7) == sample
+
+
+@pytest.mark.parametrize("task", GENERATED)
+def test_deterministic_by_seed(tokenizer, task):
+    a = make_ruler_sample(task, tokenizer, 2048, 0.5, seed=1)
+    assert make_ruler_sample(task, tokenizer, 2048, 0.5, seed=1) == a
+    b = make_ruler_sample(task, tokenizer, 2048, 0.5, seed=2)
+    assert b.prompt != a.prompt and b.answers != a.answers and b.id != a.id
+
+
+@pytest.mark.parametrize("task", list(NIAH))
+@pytest.mark.parametrize("depth", [0.0, 0.5, 1.0])
+def test_niah_needles_where_asked(tokenizer, task, depth):
+    cfg = NIAH[task]
+    s = make_ruler_sample(task, tokenizer, 3000, depth, seed=4)
+    assert len(s.answers) == cfg.v * cfg.q
+    needles = re.findall(r"One of the special magic (?:numbers?|uuids?) for (\S+) is: (\S+)\.", s.prompt)
+    for value in s.answers:  # each value once, in its needle
+        assert s.prompt.count(value) == 1 and value in {v for _, v in needles}
+    asked = {k for k, v in needles if v in s.answers}
+    assert len(asked) == cfg.q
+    question = s.prompt[s.prompt.rindex("What "):]
+    assert all(k in question for k in asked)
+    if cfg.haystack != "needle":
+        assert len(needles) == max(cfg.k, cfg.q) * cfg.v  # the needles and no others
+    else:  # a haystack of needles of other keys
+        assert len(needles) > 20 and all(k not in asked for k, v in needles if v not in s.answers)
+    ids = _ids(tokenizer, s)
+    at = s.meta["needle_token"]
+    assert "One" in tokenizer.decode(ids[at:at + 2])
+    fraction = at / len(ids)
+    assert abs(fraction - depth) < 0.15, fraction  # the first asked needle at its depth
+    assert s.prompt.endswith("mentioned in the provided text " + ("are" if cfg.v * cfg.q > 1 else "is"))
+
+
+def test_vt_cwe_fwe_answers_in_the_text(tokenizer):
+    vt = make_ruler_sample("vt", tokenizer, 4096, 0.5, seed=3)
+    main = vt.prompt[vt.prompt.rindex("Memorize and track"):]
+    first, *rest = vt.answers
+    value = re.search(rf"VAR {first} = (\d+)", main).group(1)
+    for a, b in zip(vt.answers, rest):
+        assert f"VAR {b} = VAR {a} " in main
+    assert f"assigned the value {value} in the text above" in main and main.endswith("they are: ")
+    cwe = make_ruler_sample("cwe", tokenizer, 4096, 0.5, seed=3)
+    listing = cwe.prompt[cwe.prompt.rindex("Below is a numbered list"):]
+    counts = {}
+    for word in re.findall(r"\d+\. (\S+)", listing.split("\nQuestion:")[0]):
+        counts[word] = counts.get(word, 0) + 1
+    assert len(cwe.answers) == 10 and all(counts[w] == 30 for w in cwe.answers)
+    assert all(c == 3 for w, c in counts.items() if w not in cwe.answers)
+    fwe = make_ruler_sample("fwe", tokenizer, 4096, 0.5, seed=3)
+    words = fwe.prompt.split("coded words. ", 1)[1].split("\nQuestion:")[0].split()
+    freq = sorted(set(words), key=words.count, reverse=True)
+    assert freq[0] == "..." and freq[1:4] == list(fwe.answers)
+
+
+def test_ruler_metrics_hand_computed():
+    assert metrics.string_match_all("The numbers are 123 and 456.", ["123", "456", "789"]) == 2 / 3
+    assert metrics.string_match_all("ABC-def", ["abc-DEF"]) == 1.0
+    assert metrics.string_match_all("nothing", ["x"]) == 0.0
+    assert metrics.string_match_part("Paris, France", ["london", "paris"]) == 1.0
+    assert metrics.string_match_part("Rome", ["london", "paris"]) == 0.0
+    # through the dispatcher, as the runner scores: the whole list, not the max over it
+    assert metrics.score("niah_multivalue", "1 2", ["1", "2", "3", "4"]) == 0.5
+    assert metrics.score("vt", "AAAAA BBBBB", ["AAAAA", "BBBBB"]) == 1.0
+    assert metrics.score("qa_1", "it is in Denver", ["Denver Broncos", "denver"]) == 1.0
+
+
+def _squad(path):
+    paragraphs = [{"context": f"Paragraph {i} says the {i}th answer is word{i}.",
+                   "qas": [{"question": f"What is the {i}th answer?", "is_impossible": False,
+                            "answers": [{"text": f"word{i}"}]}]} for i in range(60)]
+    path.write_text(json.dumps({"data": [{"paragraphs": paragraphs[:30]},
+                                         {"paragraphs": paragraphs[30:]}]}))
+
+
+def test_qa_from_data_dir_and_a_clear_message_without(tokenizer, tmp_path):
+    with pytest.raises(InfLLMLiteError, match="squad.json.*--data-dir"):
+        make_synthetic_sample("qa_1", tokenizer, 1024, 0.5, seed=0)
+    with pytest.raises(InfLLMLiteError, match="hotpotqa.json"):
+        make_synthetic_sample("qa_2", tokenizer, 1024, 0.5, seed=0, data_dir=tmp_path)
+    _squad(tmp_path / "squad.json")
+    s = make_synthetic_sample("qa_1", tokenizer, 1024, 0.5, seed=0, data_dir=tmp_path)
+    assert abs(len(_ids(tokenizer, s)) - 1024) <= 0.02 * 1024
+    (i,) = re.findall(r"What is the (\d+)th answer\?", s.prompt)
+    assert s.answers == (f"word{i}",) and f"says the {i}th answer is word{i}." in s.prompt
+    assert s.prompt.endswith(" Answer:")
+
+
+def test_registered_for_the_runner():
+    for task in RULER_TASKS:
+        spec = get_task(task)
+        assert spec.benchmark == "ruler" and not spec.chat and task in SYNTHETIC_TASKS
+        assert task in metrics.RULER_METRICS
+    assert get_task("niah_single_1").max_new_tokens == 128 and get_task("vt").max_new_tokens == 30
+    assert EvalPlan(tasks=["niah_single_1"], lengths=[1024]).generated("niah_single_1")
+    assert list(SYNTHETIC_TASKS) == ["passkey", "number_string", "kv_retrieval"]  # unchanged
+
+
+def test_eval_runner_end_to_end(smollm, tmp_path):
+    """One niah_single_1 sample at 1K tokens on the embedded model with InfLLM: predictions,
+    summary and plots as for the other generated tasks."""
+    model, tokenizer = smollm
+    plan = EvalPlan(tasks=["niah_single_1"], modes=["infllm"], lengths=[1024], samples=1)
+    summary = run_eval(model, tokenizer, plan, tmp_path, progress=False)
+    (record,) = [json.loads(line) for line in (tmp_path / PREDICTIONS).read_text().splitlines()]
+    assert record["task"] == "niah_single_1" and abs(record["prompt_tokens"] - 1024) <= 21
+    assert record["score"] == 1.0, record
+    assert "niah_single_1_depth_heatmap.png" in summary["files"]
+    assert "**niah_single_1**" in (tmp_path / "summary.md").read_text()
+    run_eval(model, tokenizer, plan, tmp_path, progress=False)  # resumes: nothing to redo
+    assert len((tmp_path / PREDICTIONS).read_text().splitlines()) == 1

@@ -31,6 +31,7 @@ import random
 import string
 import uuid
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Callable
 
 from ..errors import InfLLMLiteError
@@ -324,21 +325,26 @@ def _vt(tokenizer: Tokenizer, n_tokens: int, depth: float, seed: int) -> EvalSam
 # ---------------------------------------------------------------- common and frequent words
 
 
-def _cwe_pool(num_words: int) -> list[str]:
-    """The word list; for more words than it has, hyphenated pairs of its first 200 words
+@lru_cache(maxsize=1)
+def _word_pairs() -> tuple[str, ...]:
+    """Hyphenated pairs of the word list's first 200 words: the words past the list's end
     (RULER switches to a larger list there)."""
-    words = list(word_list())
-    if num_words <= len(words):
-        return words
-    return [f"{a}-{b}" for a in words[:200] for b in words[:200] if a != b]
+    words = word_list()[:200]
+    return tuple(f"{a}-{b}" for a in words for b in words if a != b)
 
 
 def _cwe_example(rng: random.Random, num_words: int, common: int, uncommon: int,
                  n_common: int = 10) -> tuple[str, list[str]]:
-    pool = _cwe_pool(num_words)
-    if num_words > len(pool):
-        raise InfLLMLiteError(f"cwe needs {num_words} distinct words; the word list has {len(pool)}")
-    chosen = rng.sample(pool, num_words)
+    words = list(word_list())
+    if num_words <= len(words):
+        chosen = rng.sample(words, num_words)
+    else:  # every word, then pairs (so a prompt grows smoothly past the list's end)
+        extra = num_words - len(words)
+        if extra > len(_word_pairs()):
+            raise InfLLMLiteError(f"cwe needs {num_words} distinct words; the word list and "
+                                  f"its pairs have {len(words) + len(_word_pairs())}")
+        chosen = words + rng.sample(_word_pairs(), extra)
+        rng.shuffle(chosen)
     top, rest = chosen[:n_common], chosen[n_common:]
     listed = top * common + rest * uncommon
     rng.shuffle(listed)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..errors import InfLLMLiteError
 from ..tokenizer import Tokenizer
-from .ruler import TEMPLATES, fit, sample_of
+from .ruler_prompt import TEMPLATES, fit, sample_of
 from .sample import EvalSample
 
 FILES = {"qa_1": "squad.json", "qa_2": "hotpotqa.json"}

@@ -30,9 +30,9 @@ import re
 from collections.abc import Mapping, Sequence
 
 from ..errors import InfLLMLiteError
-from .ruler import FAMILY as RULER_FAMILY
-from .ruler import MAX_NEW_TOKENS as RULER_MAX_NEW_TOKENS
-from .ruler import RULER_TASKS
+from .ruler_prompt import FAMILY as RULER_FAMILY
+from .ruler_prompt import MAX_NEW_TOKENS as RULER_MAX_NEW_TOKENS
+from .ruler_prompt import RULER_TASKS
 from .sample import TaskSpec
 
 INFINITEBENCH_TASKS = ("passkey", "number_string", "kv_retrieval", "longbook_choice_eng",

@@ -15,7 +15,7 @@ from .cli_support import (MEMORY_OPTIONS, check_numbers, check_options_apply, ch
 from .demo import DEMO_LENGTH, DEMO_LENGTH_NOTE, FULL_BUDGET_S
 from .errors import InfLLMLiteError
 from .eval.files import write_atomic
-from .options import ATTENTION_KERNELS, ATTENTION_MODES, CACHE_POLICIES, DEFAULT_CHUNK_SIZE, parse_bytes
+from .options import ATTENTION_KERNELS, ATTENTION_MODES, CACHE_POLICIES, DEFAULT_CHUNK_SIZE, KV_DTYPES, parse_bytes
 from .prompt_files import PromptEntry, read_prompt_file, read_prompts_jsonl, read_text_file
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -86,6 +86,10 @@ def _add_memory_options(p: argparse.ArgumentParser) -> None:
         g.add_argument(f"--{name}", type=int, default=None, metavar="N", help=meaning)
     g.add_argument("--cache-policy", choices=CACHE_POLICIES, default=None,
                    help=f"which cached block the fast tier evicts (default {m.cache_policy})")
+    g.add_argument("--kv-dtype", choices=KV_DTYPES, default=None,
+                   help="how the memory stores the keys and values it keeps (infllm: its blocks in host "
+                        "memory and on disk; streaming, lm-infinite: sinks and window); bfloat16 or float16 "
+                        "halve that memory, attention is computed in float32 (default: the model's dtype)")
     g.add_argument("--max-host-bytes", type=_size, default=None, metavar="SIZE",
                    help="host memory for memory blocks, all layers (e.g. 8GiB); older blocks go to "
                         "a file on disk (default: unlimited, no disk)")

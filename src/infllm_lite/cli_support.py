@@ -12,7 +12,7 @@ from .errors import InfLLMLiteError
 from .options import ATTENTION_MODES, MEMORY_MODES, parse_length
 
 MEMORY_OPTIONS = ("n_init", "n_local", "block_size", "topk", "max_cached_blocks", "cache_policy",
-                  "max_host_bytes", "offload_dir")
+                  "max_host_bytes", "offload_dir", "kv_dtype")
 
 # The attention modes an option applies to (streaming keeps only sinks and a local window).
 OPTION_MODES = {
@@ -20,6 +20,7 @@ OPTION_MODES = {
     "block_size": ("infllm",), "topk": ("infllm",), "max_cached_blocks": ("infllm",),
     "cache_policy": ("infllm",), "max_host_bytes": ("infllm",), "offload_dir": ("infllm",),
     "attention_kernel": ("infllm",), "compile": ("full",), "memory_preset": MEMORY_MODES,
+    "kv_dtype": MEMORY_MODES,
 }
 
 # Numeric options: (rule met, what the rule says).

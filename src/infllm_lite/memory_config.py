@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, replace
 
 from .config import ModelArgs
 from .errors import InfLLMLiteError
-from .options import CACHE_POLICIES, DEFAULT_CHUNK_SIZE
+from .options import CACHE_POLICIES, DEFAULT_CHUNK_SIZE, KV_DTYPES
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,10 @@ class MemoryConfig:
     # ``offload_dir``. None: unlimited (no disk tier).
     max_host_bytes: int | None = None
     offload_dir: str | None = None  # None: a temporary directory, removed when the pool closes
+    # How the kept keys and values are stored: InfLLM's formed blocks (host and disk tiers),
+    # StreamingLLM's and LM-Infinite's sinks and window. None: the model's dtype. Attention
+    # arithmetic stays float32; a bfloat16/float16 store halves host memory and disk traffic.
+    kv_dtype: str | None = None
 
     def __post_init__(self) -> None:
         def fail(message: str) -> None:
@@ -50,6 +54,8 @@ class MemoryConfig:
             fail(f"topk ({self.topk}) must be <= max_cached_blocks ({self.max_cached_blocks})")
         if self.repr_topk > self.block_size:
             fail(f"repr_topk ({self.repr_topk}) must be <= block_size ({self.block_size})")
+        if self.kv_dtype is not None and self.kv_dtype not in KV_DTYPES:
+            fail(f"kv_dtype must be one of {', '.join(KV_DTYPES)} or None, got {self.kv_dtype!r}")
         if self.cache_policy not in CACHE_POLICIES:
             fail(f"cache_policy must be one of {', '.join(CACHE_POLICIES)}, got {self.cache_policy!r}")
         if not 0 <= self.score_decay <= 1:
@@ -103,8 +109,9 @@ def memory_estimate(args: ModelArgs, config: MemoryConfig, n_tokens: int,
     """Bytes each tier holds after ``n_tokens`` tokens, over all layers (batch 1).
 
     ``fast``: initial tokens, local window and pending remainder (K and V), the cached
-    block slots, and the representative vectors; ``slow``: K and V of every formed block
-    (the authoritative copy); ``total`` the sum.
+    block slots, and the representative vectors, at ``bytes_per_element`` (the model's
+    dtype); ``slow``: K and V of every formed block (the authoritative copy), at
+    ``config.kv_dtype``'s size if set; ``total`` the sum.
     """
     if n_tokens < 0:
         raise InfLLMLiteError(f"n_tokens must be >= 0, got {n_tokens}")
@@ -114,9 +121,18 @@ def memory_estimate(args: ModelArgs, config: MemoryConfig, n_tokens: int,
     cached_slots = min(n_blocks, config.max_cached_blocks) * config.block_size
     repr_bytes = n_blocks * args.n_heads * args.head_dim * bytes_per_element
     fast = args.n_layers * (resident * kv_token + cached_slots * kv_token + repr_bytes)
-    slow = args.n_layers * n_blocks * config.block_size * kv_token
+    slow = args.n_layers * n_blocks * config.block_size * kv_token * kv_itemsize(config, bytes_per_element) \
+        // bytes_per_element
     return {"fast": fast, "slow": slow, "total": fast + slow,
             "blocks_per_layer": n_blocks, "kv_bytes_per_token": args.n_layers * kv_token}
+
+
+def kv_itemsize(config: MemoryConfig | None, default: int) -> int:
+    """Bytes of one stored key/value element under ``config.kv_dtype`` (``default``, the
+    model's, when it is None)."""
+    if config is None or config.kv_dtype is None:
+        return default
+    return 4 if config.kv_dtype == "float32" else 2
 
 
 def n_formed_blocks(config: MemoryConfig, n_tokens: int) -> int:

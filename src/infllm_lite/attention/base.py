@@ -58,6 +58,13 @@ class LayerAttention:
         raise NotImplementedError
 
 
+def storage_dtype(memory, default: torch.dtype) -> torch.dtype:
+    """The dtype a memory stores its kept keys and values in: ``memory.kv_dtype`` (a
+    ``MemoryConfig``'s), else ``default`` (the model's)."""
+    kind = getattr(memory, "kv_dtype", None)
+    return default if kind is None else getattr(torch, kind)
+
+
 def copy_into(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
     """``dst[...] = src`` for a snapshot restore, refusing a shape that does not fit."""
     from ..errors import InfLLMLiteError

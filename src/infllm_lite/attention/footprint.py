@@ -17,7 +17,7 @@ import torch
 from ..config import ModelArgs
 from ..errors import InfLLMLiteError
 from ..memory.pool import MIN_HOST_BLOCKS
-from ..memory_config import MemoryConfig, n_formed_blocks
+from ..memory_config import MemoryConfig, kv_itemsize, n_formed_blocks
 from ..options import ATTENTION_MODES
 from .slots import SlotLayout
 
@@ -33,15 +33,16 @@ def state_bytes(mode: str, args: ModelArgs, n_tokens: int, memory: MemoryConfig 
     if mode == "full":
         return 2 * L * Hkv * n_tokens * d * elem
     cfg = memory if memory is not None else MemoryConfig.for_model(args)
+    kv_elem = kv_itemsize(cfg, elem)  # the kept keys and values (cfg.kv_dtype)
     if mode in ("streaming", "lm-infinite"):  # the same sinks and ring
-        return 2 * L * Hkv * (cfg.n_init + cfg.n_local - 1) * d * elem
+        return 2 * L * Hkv * (cfg.n_init + cfg.n_local - 1) * d * kv_elem
     lay = SlotLayout.build(cfg, batch_size=1, group=H // Hkv)
     slots = 3 * Hkv * lay.n_slots * (d + 2) * 4  # k_rot, k_raw, v (float32)
     scores = H * lay.tail_capacity * 4 + lay.n_pool * 4  # the tail's scores, the pool slots' (lru-s)
     selected = 2 * Hkv * cfg.topk * cfg.block_size * d * 4  # the decode step's copy of its blocks
     n_blocks = n_formed_blocks(cfg, n_tokens)
     repr_rows = max(16, 2 * n_blocks) if n_blocks else 0
-    block_bytes = Hkv * cfg.block_size * d * elem  # K or V of one block
+    block_bytes = Hkv * cfg.block_size * d * kv_elem  # K or V of one block
     host_blocks = max(MIN_HOST_BLOCKS, 2 * n_blocks) if n_blocks else 0
     if cfg.max_host_bytes is not None:
         host_blocks = min(host_blocks, max(1, cfg.max_host_bytes // L) // (2 * block_bytes))

@@ -65,7 +65,7 @@ from ..kernels.block_relevance import block_scores, select_blocks
 from ..memory import BlockPool, PoolStats
 from ..memory_config import MemoryConfig, n_formed_blocks
 from ..rope import RotaryEmbedding, apply_rope
-from .base import AttentionState, LayerAttention, copy_into
+from .base import AttentionState, LayerAttention, copy_into, storage_dtype
 from .decode_step import SelectedBlocks, one_query_attention
 from .kernels import ChunkGeometry, InfLLMKernel, make_kernel
 from .slots import SlotLayout
@@ -88,7 +88,7 @@ class InfLLMLayerAttention(LayerAttention):
         self.block_repr = torch.zeros(B, 0, args.n_heads * d, dtype=torch.float32, device=state.device)
         a, b = lay.pool_slot, lay.pool_end
         self.pool = BlockPool(
-            B, Hkv, cfg.block_size, d, n_slots=lay.n_pool, dtype=state.dtype, device=state.device,
+            B, Hkv, cfg.block_size, d, n_slots=lay.n_pool, dtype=storage_dtype(cfg, state.dtype), device=state.device,
             policy=cfg.cache_policy, score_decay=cfg.score_decay, max_host_bytes=state.host_bytes_per_layer,
             offload_dir=cfg.offload_dir,
             fast_k=self.k_raw[:, :, a:b, :d].unflatten(2, (lay.n_pool, cfg.block_size)),
@@ -325,7 +325,7 @@ class InfLLMLayerAttention(LayerAttention):
         picked = keys_per_head.gather(3, top[..., None].expand(*top.shape, d))  # (B, H, new, r, d)
         repr_vec = picked.mean(dim=3).permute(0, 2, 1, 3).reshape(B, new, H * d)  # (B, new, H·d)
         self._grow_repr(target)
-        self.pool.append(keys.to(self.state.dtype), values.to(self.state.dtype))
+        self.pool.append(keys.to(self.pool.dtype), values.to(self.pool.dtype))
         self.block_repr[:, self.n_blocks:target] = repr_vec
         # shift the tail left by the formed tokens
         used = e - self.tail_start  # the tail holds positions [tail_start, e)

@@ -48,7 +48,7 @@ import torch
 from ..config import ModelArgs
 from ..memory_config import MemoryConfig
 from ..rope import RotaryEmbedding, apply_rope
-from .base import AttentionState, LayerAttention, copy_into
+from .base import AttentionState, LayerAttention, copy_into, storage_dtype
 
 
 SLICE_ROWS = 64  # queries per slice, at most n_local (measured, embedded model at 8K: 64 rows
@@ -102,7 +102,7 @@ class StreamingLayerAttention(LayerAttention):
     def __init__(self, state: "StreamingState", args: ModelArgs):
         self.state = state
         B, Hkv, d = state.batch_size, args.n_kv_heads, args.head_dim
-        zeros = dict(dtype=state.dtype, device=state.device)
+        zeros = dict(dtype=state.kv_dtype, device=state.device)
         self.k_sink = torch.zeros((B, Hkv, state.n_init, d), **zeros)  # un-rotated
         self.v_sink = torch.zeros((B, Hkv, state.n_init, d), **zeros)
         self.k_ring = torch.zeros((B, Hkv, state.ring_size, d), **zeros)  # un-rotated
@@ -112,6 +112,8 @@ class StreamingLayerAttention(LayerAttention):
         B, H, T, d = q.shape
         Hkv = k.shape[1]
         plan = self.state.plan(T, rope)
+        store = self.state.kv_dtype
+        k, v = k.to(store), v.to(store)  # as stored: a key reads the same in its own call and later
         if plan.call_sinks:  # visible to the call's own later queries: store them first
             L, m = self.state.length, plan.call_sinks
             self.k_sink[:, :, L:L + m] = k[:, :, :m]
@@ -190,6 +192,7 @@ class StreamingState(AttentionState):
         self.n_init, self.n_local = memory.n_init, memory.n_local
         self.ring_size = memory.n_local - 1  # past window tokens kept between calls
         self.batch_size, self.dtype = batch_size, dtype
+        self.kv_dtype = storage_dtype(memory, dtype)  # the sinks' and window's store
         self.device = torch.device(device)
         self.length = 0
         self._plan_key: tuple[int, int] | None = None

@@ -16,7 +16,7 @@ from typing import Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..options import ATTENTION_MODES, CACHE_POLICIES
+from ..options import ATTENTION_MODES, CACHE_POLICIES, KV_DTYPES
 
 
 class APIError(Exception):
@@ -52,6 +52,7 @@ class MemoryOverrides(BaseModel):
     cache_policy: Literal[CACHE_POLICIES] | None = None  # type: ignore[valid-type]
     score_decay: float | None = None
     chunk_size: MemoryField = None
+    kv_dtype: Literal[KV_DTYPES] | None = None  # type: ignore[valid-type]
 
     def given(self) -> dict:
         return {k: v for k, v in self.model_dump().items() if v is not None}

@@ -70,7 +70,8 @@ def sample_makers(plan: EvalPlan, tokenizer, task: str, length: int | None) -> l
     """One callable per sample of one task at one length, making it (a generated sample
     is built only when called: a data-parallel rank builds only its own)."""
     if plan.generated(task):
-        return [partial(make_synthetic_sample, task, tokenizer, length, depth, sample_seed(plan.seed, length, i))
+        return [partial(make_synthetic_sample, task, tokenizer, length, depth, sample_seed(plan.seed, length, i),
+                        data_dir=plan.data_dir)  # RULER's qa tasks read their data there
                 for i, depth in enumerate(depths(plan.samples))]
     records = plan.load_data()[task]
     return [partial(lambda r: r, r) for r in (records[:plan.samples] if plan.samples is not None else records)]

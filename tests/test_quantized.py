@@ -351,3 +351,21 @@ def test_cli_refuses_a_bad_group_size_with_one_line(capsys, tiny_folder):
     code = main(["generate", "--model", str(tiny_folder), "--prompt", "Hi", "--quantize", "int4", "--group-size", "48"])
     err = capsys.readouterr().err
     assert code == 1 and err == "error: int4 group size 48: choose one of 32, 64, 128\n"
+
+
+def test_a_snapshot_records_the_quantization_and_refuses_another(tiny, tmp_path):
+    from infllm_lite.attention import make_attention_state
+    from infllm_lite.memory_config import MemoryConfig
+    from infllm_lite.snapshot import load_snapshot, save_snapshot
+    model, _ = tiny
+    cfg = MemoryConfig(n_init=4, n_local=32, block_size=8, topk=2, repr_topk=2, exc_block_size=16, max_cached_blocks=4)
+    int8 = quantize_model(copy.deepcopy(model), "int8", None, kernel="dequant")
+    int4 = quantize_model(copy.deepcopy(model), "int4", 32, kernel="dequant")
+    state = make_attention_state("infllm", model.args, capacity=1, memory=cfg, kernel="window-eager")
+    with torch.inference_mode():
+        int8(torch.randint(3, 1000, (1, 60)), state)
+    save_snapshot(tmp_path / "q.snap", state, model=int8, mode="infllm", memory=cfg, tokens=list(range(60)))
+    assert load_snapshot(tmp_path / "q.snap", int8, kernel="window-eager").state.length == 60
+    for other, what in ((int4, "int4/g32 weights"), (model, "float weights")):
+        with pytest.raises(InfLLMLiteError, match=f"saved from this checkpoint with int8 weights; this model has {what}"):
+            load_snapshot(tmp_path / "q.snap", other, kernel="window-eager")

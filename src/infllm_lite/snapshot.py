@@ -46,15 +46,20 @@ class Snapshot:
 
 
 def model_identity(model) -> dict:
-    """The model's config and a fingerprint of its weights (SHA-256 of the embedding's
-    first rows and the final norm, in float32): enough to tell checkpoints apart."""
+    """The model's config, a fingerprint of its weights (SHA-256 of the embedding's first
+    rows and the final norm, in float32): enough to tell checkpoints apart, and its weights'
+    quantization (``model.quantization``: ``int8``, ``int4/g32``, ``gguf``; absent for
+    float weights, as in snapshots written before quantization existed)."""
     args = json.loads(json.dumps(asdict(model.args), default=str))
     digest = hashlib.sha256()
     state = model.state_dict()
     for name in sorted(state):
         if name.endswith("embed_tokens.weight") or name == "norm.weight":
             digest.update(state[name][:64].detach().float().cpu().contiguous().numpy().tobytes())
-    return {"args": args, "weights_sha256": digest.hexdigest()}
+    identity = {"args": args, "weights_sha256": digest.hexdigest()}
+    if getattr(model, "quantization", None) is not None:
+        identity["quantization"] = model.quantization
+    return identity
 
 
 def _crc(x: torch.Tensor) -> int:
@@ -114,6 +119,12 @@ def _check_model(path: Path, header: dict, model) -> None:
     saved, now = header["model"], model_identity(model)
     if saved == now:
         return
+    if saved.get("quantization") != now.get("quantization"):
+        def weights(q):
+            return "float weights" if q is None else f"{q} weights"
+        raise InfLLMLiteError(f"{path} was saved from this checkpoint with {weights(saved.get('quantization'))}; "
+                              f"this model has {weights(now.get('quantization'))}: load the model as it was "
+                              "saved (--quantize)")
     # tensor parallelism (infllm_lite.parallel): a rank's snapshot holds its heads only
     was = (saved["args"].get("tp_rank", 0), saved["args"].get("tp_world_size", 1))
     is_ = (now["args"].get("tp_rank", 0), now["args"].get("tp_world_size", 1))

@@ -17,8 +17,8 @@ from infllm_lite.attention.lm_infinite import LMInfiniteState
 from infllm_lite.attention.streaming import StreamingState
 from infllm_lite.memory_config import MemoryConfig
 from infllm_lite.models.transformer import Transformer
-from infllm_lite.rope import RotaryEmbedding, apply_rope
-from test_streaming import HEAD_DIM, memory, one_thread, run_layer, small_args, split  # noqa: F401
+from infllm_lite.rope import apply_rope
+from test_streaming import memory, one_thread, random_layer_run, small_args  # noqa: F401
 
 
 def reference(q, k, v, rope, n_init, n_local):
@@ -61,14 +61,7 @@ def test_matches_its_dense_reference(n_init, n_local, length, gqa, batch, sizes,
     import infllm_lite.attention.streaming as streaming
     before, streaming.SLICE_ROWS = streaming.SLICE_ROWS, rows
     try:
-        args = small_args(n_heads=6, n_kv_heads=6 // gqa)
-        rope = RotaryEmbedding(args)
-        g = torch.Generator().manual_seed(seed)
-        q = torch.randn(batch, 6, length, HEAD_DIM, generator=g)
-        k = torch.randn(batch, 6 // gqa, length, HEAD_DIM, generator=g)
-        v = torch.randn(batch, 6 // gqa, length, HEAD_DIM, generator=g)
-        state = LMInfiniteState(args, memory(n_init, n_local), batch_size=batch)
-        got = run_layer(state, q, k, v, rope, split(length, sizes))
+        _, got, (q, k, v), rope = random_layer_run(LMInfiniteState, n_init, n_local, length, gqa, batch, sizes, seed)
         torch.testing.assert_close(got, reference(q, k, v, rope, n_init, n_local), atol=1e-5, rtol=1e-5)
     finally:
         streaming.SLICE_ROWS = before

@@ -112,16 +112,21 @@ def test_matches_dense_reference(n_init, n_local, length, gqa, batch, sizes, see
         streaming.SLICE_ROWS = before
 
 
-def check_matches_dense_reference(n_init, n_local, length, gqa, batch, sizes, seed):
+def random_layer_run(state_cls, n_init, n_local, length, gqa, batch, sizes, seed):
+    """Random q/k/v (6 query heads, ``6 // gqa`` KV heads) through layer 0 of a fresh
+    ``state_cls`` memory in calls cut by ``sizes``: (state, output, (q, k, v), rope)."""
     args = small_args(n_heads=6, n_kv_heads=6 // gqa)
     rope = RotaryEmbedding(args)
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(batch, 6, length, HEAD_DIM, generator=g)
     k = torch.randn(batch, 6 // gqa, length, HEAD_DIM, generator=g)
     v = torch.randn(batch, 6 // gqa, length, HEAD_DIM, generator=g)
-    state = StreamingState(args, memory(n_init, n_local), batch_size=batch)
-    calls = split(length, sizes)
-    got = run_layer(state, q, k, v, rope, calls)
+    state = state_cls(args, memory(n_init, n_local), batch_size=batch)
+    return state, run_layer(state, q, k, v, rope, split(length, sizes)), (q, k, v), rope
+
+
+def check_matches_dense_reference(n_init, n_local, length, gqa, batch, sizes, seed):
+    state, got, (q, k, v), rope = random_layer_run(StreamingState, n_init, n_local, length, gqa, batch, sizes, seed)
     torch.testing.assert_close(got, reference(q, k, v, rope, n_init, n_local), atol=1e-5, rtol=1e-5)
     layer = state.layers[0]  # fixed storage: sinks + n_local - 1 window slots
     assert layer.k_sink.shape[2] == n_init and layer.k_ring.shape[2] == n_local - 1

@@ -15,7 +15,8 @@ from .cli_support import (MEMORY_OPTIONS, check_numbers, check_options_apply, ch
 from .demo import DEMO_LENGTH, DEMO_LENGTH_NOTE, FULL_BUDGET_S
 from .errors import InfLLMLiteError
 from .eval.files import write_atomic
-from .options import ATTENTION_KERNELS, ATTENTION_MODES, CACHE_POLICIES, DEFAULT_CHUNK_SIZE, KV_DTYPES, parse_bytes
+from .options import (ATTENTION_KERNELS, ATTENTION_MODES, CACHE_POLICIES, DEFAULT_CHUNK_SIZE, KV_DTYPES,
+                      QUANTIZE_CHOICES, parse_bytes)
 from .prompt_files import PromptEntry, read_prompt_file, read_prompts_jsonl, read_text_file
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -40,7 +41,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--dtype", choices=DTYPES, default=None,
                    help="compute dtype (default: float32 on the CPU, bfloat16 on GPUs)")
-    p.add_argument("--quantize", choices=("int8", "int4", "gguf"), default=None,
+    p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None,
                    help="weight-only quantized linear layers: int8 (per channel), int4 (groups of "
                         "--group-size), gguf (a GGUF file's Q8_0/Q4_0/Q4_1/Q4_K/Q6_K blocks kept packed); "
                         "default: float weights")

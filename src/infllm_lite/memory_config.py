@@ -121,8 +121,8 @@ def memory_estimate(args: ModelArgs, config: MemoryConfig, n_tokens: int,
     cached_slots = min(n_blocks, config.max_cached_blocks) * config.block_size
     repr_bytes = n_blocks * args.n_heads * args.head_dim * bytes_per_element
     fast = args.n_layers * (resident * kv_token + cached_slots * kv_token + repr_bytes)
-    slow = args.n_layers * n_blocks * config.block_size * kv_token * kv_itemsize(config, bytes_per_element) \
-        // bytes_per_element
+    stored_token = 2 * args.n_kv_heads * args.head_dim * kv_itemsize(config, bytes_per_element)  # as kept
+    slow = args.n_layers * n_blocks * config.block_size * stored_token
     return {"fast": fast, "slow": slow, "total": fast + slow,
             "blocks_per_layer": n_blocks, "kv_bytes_per_token": args.n_layers * kv_token}
 

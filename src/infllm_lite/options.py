@@ -18,6 +18,8 @@ MEMORY_MODES = ("streaming", "lm-infinite", "infllm")
 # how the infllm mode computes its joint attention (attention/kernels.py); "auto" is the
 # window kernel on the CPU (measured twice as fast there as compiled flex), flex elsewhere
 ATTENTION_KERNELS = ("auto", "flex", "flex-eager", "window", "window-eager", "torch")
+# what load_model(quantize=...) and --quantize accept (models/quantized.py)
+QUANTIZE_CHOICES = ("int8", "int4", "gguf")
 # how a memory stores the keys and values it keeps (None in MemoryConfig: the model's dtype)
 KV_DTYPES = ("float32", "bfloat16", "float16")
 # which cached block the fast tier evicts (memory/pool.py)

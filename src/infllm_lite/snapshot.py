@@ -119,7 +119,7 @@ def _check_model(path: Path, header: dict, model) -> None:
     saved, now = header["model"], model_identity(model)
     if saved == now:
         return
-    if saved.get("quantization") != now.get("quantization"):
+    if saved["args"] == now["args"] and saved.get("quantization") != now.get("quantization"):
         def weights(q):
             return "float weights" if q is None else f"{q} weights"
         raise InfLLMLiteError(f"{path} was saved from this checkpoint with {weights(saved.get('quantization'))}; "

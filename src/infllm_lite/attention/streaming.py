@@ -119,7 +119,8 @@ class StreamingLayerAttention(LayerAttention):
             self.k_sink[:, :, L:L + m] = k[:, :, :m]
             self.v_sink[:, :, L:L + m] = v[:, :, :m]
         n_s = plan.n_sinks
-        k_sinks = apply_rope(self.k_sink[:, :, :n_s].float(), *plan.sink_rope)  # (B, Hkv, n_s, d)
+        raw_sinks = self.k_sink[:, :, :n_s].float()  # (B, Hkv, n_s, d) un-rotated
+        k_sinks = apply_rope(raw_sinks, *plan.sink_rope)  # at their positions
         v_sinks = self.v_sink[:, :, :n_s].float()
         G = H // Hkv  # query head h reads kv head h // G: the G heads of a kv head side by side
         qf = q.float().view(B, Hkv, G, T, d) / math.sqrt(d)
@@ -128,7 +129,7 @@ class StreamingLayerAttention(LayerAttention):
             qs = qf[..., s.start:s.stop, :]  # (B, Hkv, G, Q, d)
             parts = []  # (scores, values) of the sinks and of the window
             if n_s:
-                parts.append((self._sink_scores(qs, s, k_sinks, n_s), v_sinks))
+                parts.append((self._sink_scores(qs, s, k_sinks, raw_sinks), v_sinks))
             if s.use_ring or s.new_hi > s.new_lo:  # (no window keys when the slice holds only sinks)
                 keys, values = [k[:, :, s.new_lo:s.new_hi]], [v[:, :, s.new_lo:s.new_hi]]
                 if s.use_ring:
@@ -151,15 +152,16 @@ class StreamingLayerAttention(LayerAttention):
             self.v_ring.index_copy_(2, plan.ring_index, v[:, :, plan.ring_src:])
         return out.reshape(B, H, T, d).to(q.dtype)
 
-    def _sink_scores(self, qs: torch.Tensor, s: _Slice, k_sinks: torch.Tensor, n_s: int) -> torch.Tensor:
-        """The slice's scores (B, Hkv, G·Q, n_s) of the sinks (rotated at their positions):
-        the queries at their re-assigned positions; where the plan caps a pair's distance
-        (LM-Infinite), the query at the cap against the un-rotated sink."""
+    @staticmethod
+    def _sink_scores(qs: torch.Tensor, s: _Slice, k_sinks: torch.Tensor, raw_sinks: torch.Tensor) -> torch.Tensor:
+        """The slice's scores (B, Hkv, G·Q, n_s) of the sinks, k_sinks rotated at their
+        positions, raw_sinks un-rotated: the queries at their re-assigned positions; where
+        the plan caps a pair's distance (LM-Infinite), the query at the cap against the
+        un-rotated sink."""
         scores = _masked_scores(apply_rope(qs, *s.q_sink_rope), k_sinks, s.sink_hidden)
         if s.sink_capped is None:
             return scores
-        raw = self.k_sink[:, :, :n_s].float()
-        capped = _masked_scores(apply_rope(qs, *s.q_cap_rope), raw, s.sink_hidden)
+        capped = _masked_scores(apply_rope(qs, *s.q_cap_rope), raw_sinks, s.sink_hidden)
         B, Hkv, G = qs.shape[:3]
         return torch.where(s.sink_capped, capped.view(B, Hkv, G, *s.sink_capped.shape),
                            scores.view(B, Hkv, G, *s.sink_capped.shape)).view_as(scores)

@@ -58,10 +58,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InfLLMLiteError
+from ..options import QUANTIZE_CHOICES
 from .linear import FEW_ROWS, Linear, chosen_cpu_linear_kernel
 
 SCHEMES = ("int8", "int4")
-QUANTIZE_CHOICES = ("int8", "int4", "gguf")  # what load_model(quantize=...) accepts
 INT4_GROUP_SIZES = (32, 64, 128)
 DEFAULT_INT4_GROUP = 32  # divides every dimension of the embedded model (576 is not a multiple of 128)
 QUANT_KERNELS = ("packed", "dequant")

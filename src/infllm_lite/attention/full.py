@@ -23,10 +23,15 @@ from .base import AttentionState, LayerAttention, copy_into
 class FullLayerAttention(LayerAttention):
     """One layer's KV cache of ``capacity`` tokens."""
 
-    def __init__(self, state: "FullAttentionState", args: ModelArgs):
+    def __init__(self, state: "FullAttentionState", args: ModelArgs, index: int):
         shape = (state.batch_size, args.n_kv_heads, state.capacity, args.head_dim)
         self.state = state
         self.window = args.sliding_window
+        self.index = index  # this layer's number (its slab of an arena bank)
+        self.row = state.row  # the arena row holding this cache, or None
+        if self.row is not None:
+            self.k, self.v = self.row.views(index)  # (1, Hkv, C', d) views of the row, C' >= C
+            return
         self.k = torch.zeros(shape, dtype=state.dtype, device=state.device)  # (B, Hkv, C, d), rotated
         self.v = torch.zeros(shape, dtype=state.dtype, device=state.device)  # (B, Hkv, C, d)
 
@@ -66,13 +71,23 @@ class FullLayerAttention(LayerAttention):
     @classmethod
     def attend_many(cls, layers, q, k, v, positions, cos, sin, rope):
         """Decode steps of B sequences: one RoPE over the batch (elementwise, so each row's
-        numbers are its own step's), then each sequence's cache; anything else goes through
-        each layer's own ``attend``."""
+        numbers are its own step's), then the caches that are rows of one arena bank
+        together (:func:`attend_bank`), the others each alone; anything else goes
+        through each layer's own ``attend``."""
         if not all(layer._decodes(q) for layer in layers):
             return super().attend_many(layers, q, k, v, positions, cos, sin, rope)
         cos, sin = cos[:, None], sin[:, None]  # (B, 1, 1, d): broadcast over heads
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        return torch.cat([layer._decode(q[b:b + 1], k[b:b + 1], v[b:b + 1]) for b, layer in enumerate(layers)])
+        groups: dict[object, list[int]] = {}  # rows of one bank together, each other cache alone
+        for b, layer in enumerate(layers):
+            groups.setdefault(("bank", id(layer.row.bank)) if layer.row is not None else b, []).append(b)
+        if len(groups) == 1:
+            return _attend_group(layers, q, k, v)
+        out = torch.empty_like(q)  # (B, H, 1, d)
+        for rows in groups.values():
+            index = torch.tensor(rows, device=q.device)
+            out[index] = _attend_group([layers[b] for b in rows], q[index], k[index], v[index])
+        return out
 
     def export(self):
         n = self.state.length
@@ -87,20 +102,65 @@ class FullLayerAttention(LayerAttention):
         copy_into(self.v[:, :, :n], tensors["v"], "v")
 
 
+def _attend_group(layers: list[FullLayerAttention], q, k, v) -> torch.Tensor:
+    """Rotated decode rows of caches that are rows of one bank (several) or one cache."""
+    return attend_bank(layers, q, k, v) if len(layers) > 1 else layers[0]._decode(q, k, v)
+
+
+def attend_bank(layers: list[FullLayerAttention], q: torch.Tensor, k: torch.Tensor,
+                v: torch.Tensor) -> torch.Tensor:
+    """Decode steps of B sequences whose caches are rows of one arena bank: store each
+    rotated key/value (B, Hkv, 1, d) at its row's next position, then attend the rotated
+    queries (B, H, 1, d) over the bank's rows from the lowest to the highest of them, up to
+    the longest length, in one batched matmul each for the scores and the output, each
+    row's keys past its own length masked out. Returns (B, H, 1, d)."""
+    bank, i = layers[0].row.bank, layers[0].index
+    rows = torch.tensor([layer.row.row for layer in layers], device=q.device)  # (B,)
+    ends = torch.tensor([layer.state.length + 1 for layer in layers], device=q.device)  # (B,)
+    lo, hi, end = int(rows.min()), int(rows.max()) + 1, int(ends.max())
+    keys, values = bank.k[i], bank.v[i]  # (R, Hkv, C, d)
+    keys[rows, :, ends - 1] = k[:, :, 0]
+    values[rows, :, ends - 1] = v[:, :, 0]
+    B, H, _, d = q.shape
+    Hkv = k.shape[1]
+    grouped = q.new_zeros(hi - lo, Hkv, H // Hkv, d)  # (R', Hkv, G, d): rows lo..hi-1
+    grouped[rows - lo] = q.reshape(B, Hkv, H // Hkv, d)
+    scores = grouped @ keys[lo:hi, :, :end].transpose(-1, -2) * d ** -0.5  # (R', Hkv, G, end)
+    limit = ends.new_zeros(hi - lo)  # (R',) keys each row sees; 0 for rows outside the batch
+    limit[rows - lo] = ends
+    past = torch.arange(end, device=q.device) >= limit[:, None]  # (R', end)
+    scores.masked_fill_(past[:, None, None, :], float("-inf"))  # (rows outside: all masked, dropped)
+    out = scores.softmax(dim=-1) @ values[lo:hi, :, :end]  # (R', Hkv, G, d)
+    return out[rows - lo].reshape(B, H, 1, d)
+
+
 class FullAttentionState(AttentionState):
-    """KV caches of all layers, allocated once for ``capacity`` tokens."""
+    """KV caches of all layers, allocated once for ``capacity`` tokens, or held in a row of
+    a :class:`~.kv_arena.KVArena` bank (``row``, given back at :meth:`close`)."""
 
     def __init__(self, args: ModelArgs, capacity: int, *, batch_size: int = 1,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                 static: bool = False):
+                 static: bool = False, row=None):
         if capacity < 1:
             raise InfLLMLiteError(f"KV cache capacity must be positive, got {capacity}")
+        if row is not None and (batch_size != 1 or static or row.bank.capacity < capacity):
+            raise InfLLMLiteError("an arena row holds one eager cache of at most its capacity")
         self.batch_size, self.capacity, self.dtype = batch_size, capacity, dtype
         self.device = torch.device(device)
         self.static = static
         self.length = 0
+        self.row = row
         self.slots = torch.arange(capacity, device=self.device)  # (C,) position held by each slot
-        self.layers = [FullLayerAttention(self, args) for _ in range(args.n_layers)]
+        self.layers = [FullLayerAttention(self, args, i) for i in range(args.n_layers)]
+
+    def close(self) -> None:
+        """As :meth:`AttentionState.close`; an arena row is given back (its pages freed)."""
+        super().close()
+        if self.row is not None:
+            self.row.release()
+            self.row = None
+            for layer in self.layers:
+                layer.row = None
 
     def positions(self, n_tokens: int) -> torch.Tensor:
         if self.length + n_tokens > self.capacity:

@@ -42,6 +42,8 @@ import torch
 
 from ..attention import make_attention_state, make_kernel
 from ..attention.footprint import state_bytes
+from ..attention.full import FullAttentionState
+from ..attention.kv_arena import KVArena
 from ..attention.ragged import RaggedBatch
 from ..errors import InfLLMLiteError
 from ..memory_config import MemoryConfig
@@ -111,6 +113,7 @@ class Engine:
         self.device, self.dtype = param.device, param.dtype
         self.memory_budget, self.max_sequences, self.step_tokens = memory_budget, max_sequences, step_tokens
         self.kernel = make_kernel(attention_kernel, self.device)
+        self.arena = KVArena(model.args, self.dtype, self.device)  # rows for full-attention caches
         if stop_token_ids is None:
             stop_token_ids = (set(model.args.eos_token_ids) if tokenizer is None
                               else prompt_stop_ids(model, tokenizer))
@@ -286,8 +289,12 @@ class Engine:
         its sequence's reservation counts it now), or a fresh one."""
         req = seq.request
         if req.state is None:
+            capacity = req.capacity or len(seq.prompt) + req.max_new_tokens
+            row = self._arena_row(req, capacity)
+            if row is not None:
+                return FullAttentionState(self.model.args, capacity, dtype=self.dtype, device=self.device, row=row)
             return make_attention_state(
-                req.attention, self.model.args, capacity=req.capacity or len(seq.prompt) + req.max_new_tokens,
+                req.attention, self.model.args, capacity=capacity,
                 memory=seq.memory, dtype=self.dtype, device=self.device, kernel=self.kernel)
         state = req.state if hasattr(req.state, "layers") else req.state()
         if getattr(state, "length", None) != req.position:
@@ -296,6 +303,15 @@ class Engine:
         with self._lock:
             self._held.pop(id(state), None)
         return state
+
+    def _arena_row(self, req: Request, capacity: int):
+        """A row of the engine's KV arena for a new full-attention cache (so decode steps
+        attend over the batch's caches at once), or None: not full attention, a store
+        dtype other than the model's, not on the CPU, or too large a cache for a bank."""
+        if (req.attention != "full" or self.device.type != "cpu"
+                or getattr(req.memory, "kv_dtype", None) not in (None, str(self.dtype).removeprefix("torch."))):
+            return None
+        return self.arena.take(capacity)
 
     def _refuse(self, seq: Sequence, why: str) -> None:
         """End a waiting ``seq`` that cannot run; its event is reported by this step."""

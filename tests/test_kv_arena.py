@@ -5,7 +5,7 @@ rows by capacity class; a freed row's pages given back (it reads zeros)."""
 from __future__ import annotations
 
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from infllm_lite.attention.full import FullAttentionState

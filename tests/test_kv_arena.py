@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from infllm_lite.attention.full import FullAttentionState
-from infllm_lite.attention.kv_arena import MIN_CAPACITY, KVArena, capacity_class
+from infllm_lite.attention.kv_arena import MIN_CAPACITY, Arena, capacity_class
 from infllm_lite.attention.ragged import RaggedLayer
 from infllm_lite.config import ModelArgs
 from infllm_lite.engine import Engine, Request
@@ -39,13 +39,14 @@ def test_a_decode_step_over_banked_rows_equals_each_cache_alone(lengths, holes, 
     decode (one query, the CPU flash kernel) within 1e-5, and each new key lands in its
     own row at its own position."""
     g = torch.Generator().manual_seed(seed)
-    arena = KVArena(ARGS, torch.float32, "cpu")
+    arena = Arena(ARGS.n_layers, "cpu")
     states, twins, skipped = [], [], []
     for n, hole, own in zip(lengths, holes, private):
         capacity = n + 1 if n < 700 else 2 * MIN_CAPACITY  # two capacity classes
-        row = None if own else arena.take(capacity)
-        state = filled(FullAttentionState(ARGS, capacity, row=row), n, g)
-        if hole and row is not None:
+        state = FullAttentionState(ARGS, capacity) if own else FullAttentionState.in_arena(
+            arena, ARGS, capacity, torch.float32)
+        filled(state, n, g)
+        if hole and state.row is not None:
             skipped.append(state)  # holds a row inside the bank, not in this step
             continue
         twin = FullAttentionState(ARGS, capacity)
@@ -79,17 +80,26 @@ def test_rows_come_by_capacity_class_and_a_freed_row_reads_zeros():
     """Capacities share a bank by their power-of-two class; a bank opens when its class is
     full; a closed cache's row goes back to its bank with its pages returned (zeros)."""
     assert [capacity_class(c) for c in (1, 1024, 1025, 3000)] == [1024, 1024, 2048, 4096]
-    arena = KVArena(ARGS, torch.float32, "cpu")
-    a, b = FullAttentionState(ARGS, 10, row=arena.take(10)), FullAttentionState(ARGS, 1500, row=arena.take(1500))
+    arena = Arena(ARGS.n_layers, "cpu")
+
+    def full(capacity):
+        return FullAttentionState.in_arena(arena, ARGS, capacity, torch.float32)
+
+    a, b = full(10), full(1500)
     assert a.row.bank is not b.row.bank and a.row.row == b.row.row == 0
+    c = full(700)  # the row after a's; a's neighbour on both sides of its pages
     filled(a, 10, torch.Generator().manual_seed(0))
+    filled(c, 700, torch.Generator().manual_seed(1))
     bank, row = a.row.bank, a.row.row
-    assert bank.k[1][row].abs().sum() > 0
+    kept = bank.slab(1, "k")[c.row.row].clone()
+    assert bank.slab(1, "k")[row].abs().sum() > 0
     a.close()
-    assert row in bank.free and bank.k[1][row].abs().sum() == 0 and bank.v[0][row].abs().sum() == 0
-    rows = [arena.take(5) for _ in range(bank.rows + 1)]
-    assert rows[0].bank is bank and rows[0].row == 0 and rows[-1].bank is not bank
-    b.close()
+    assert row in bank.free and bank.slab(1, "k")[row].abs().sum() == 0 and bank.slab(0, "v")[row].abs().sum() == 0
+    assert torch.equal(bank.slab(1, "k")[c.row.row], kept)  # the neighbour untouched
+    states = [full(5) for _ in range(bank.rows)]
+    assert states[0].row.bank is bank and states[0].row.row == 0 and states[-1].row.bank is not bank
+    for state in states + [b, c]:
+        state.close()
 
 
 def test_the_engine_banks_full_caches_and_decodes_them_as_alone(tiny):
@@ -107,7 +117,7 @@ def test_the_engine_banks_full_caches_and_decodes_them_as_alone(tiny):
     while engine.has_work:
         engine.step()
     together = [engine.pop(i) for i in ids]
-    assert sorted(engine.arena.banks) == [1024, 2048]
+    assert sorted(kind[1] for kind, _ in engine.arena.banks) == [1024, 2048]  # (("full", class), dtype)
     assert all(len(bank.free) == bank.rows for banks in engine.arena.banks.values() for bank in banks)
     for i, seq in enumerate(together):
         solo = Engine(model)

@@ -18,6 +18,7 @@ from ..causal import causal_attention, one_query_attention, prefix_causal_attent
 from ..errors import InfLLMLiteError
 from ..rope import apply_rope
 from .base import AttentionState, LayerAttention, copy_into
+from .kv_arena import capacity_class
 
 
 class FullLayerAttention(LayerAttention):
@@ -30,7 +31,8 @@ class FullLayerAttention(LayerAttention):
         self.index = index  # this layer's number (its slab of an arena bank)
         self.row = state.row  # the arena row holding this cache, or None
         if self.row is not None:
-            self.k, self.v = self.row.views(index)  # (1, Hkv, C', d) views of the row, C' >= C
+            views = self.row.views(index)
+            self.k, self.v = views["k"], views["v"]  # (1, Hkv, C', d) views of the row, C' >= C
             return
         self.k = torch.zeros(shape, dtype=state.dtype, device=state.device)  # (B, Hkv, C, d), rotated
         self.v = torch.zeros(shape, dtype=state.dtype, device=state.device)  # (B, Hkv, C, d)
@@ -118,7 +120,7 @@ def attend_bank(layers: list[FullLayerAttention], q: torch.Tensor, k: torch.Tens
     rows = torch.tensor([layer.row.row for layer in layers], device=q.device)  # (B,)
     ends = torch.tensor([layer.state.length + 1 for layer in layers], device=q.device)  # (B,)
     lo, hi, end = int(rows.min()), int(rows.max()) + 1, int(ends.max())
-    keys, values = bank.k[i], bank.v[i]  # (R, Hkv, C, d)
+    keys, values = bank.slab(i, "k"), bank.slab(i, "v")  # (R, Hkv, C, d)
     keys[rows, :, ends - 1] = k[:, :, 0]
     values[rows, :, ends - 1] = v[:, :, 0]
     B, H, _, d = q.shape
@@ -143,7 +145,7 @@ class FullAttentionState(AttentionState):
                  static: bool = False, row=None):
         if capacity < 1:
             raise InfLLMLiteError(f"KV cache capacity must be positive, got {capacity}")
-        if row is not None and (batch_size != 1 or static or row.bank.capacity < capacity):
+        if row is not None and (batch_size != 1 or static or row.views(0)["k"].shape[2] < capacity):
             raise InfLLMLiteError("an arena row holds one eager cache of at most its capacity")
         self.batch_size, self.capacity, self.dtype = batch_size, capacity, dtype
         self.device = torch.device(device)
@@ -152,6 +154,16 @@ class FullAttentionState(AttentionState):
         self.row = row
         self.slots = torch.arange(capacity, device=self.device)  # (C,) position held by each slot
         self.layers = [FullLayerAttention(self, args, i) for i in range(args.n_layers)]
+
+    @classmethod
+    def in_arena(cls, arena, args: ModelArgs, capacity: int, dtype: torch.dtype) -> "FullAttentionState | None":
+        """A cache of ``capacity`` tokens in a row of ``arena`` (a :class:`~.kv_arena.Arena`:
+        rows of one power-of-two capacity class share a bank), or None where that row
+        would be too large for a bank."""
+        size = capacity_class(capacity)
+        shape = (args.n_kv_heads, size, args.head_dim)
+        row = arena.take(("full", size), {"k": shape, "v": shape}, dtype)
+        return None if row is None else cls(args, capacity, dtype=dtype, device=arena.device, row=row)
 
     def close(self) -> None:
         """As :meth:`AttentionState.close`; an arena row is given back (its pages freed)."""

@@ -1,30 +1,32 @@
-"""Rows of shared KV stores for the full-attention memories of an engine's sequences.
+"""Rows of shared stores for the attention memories of an engine's sequences.
 
-A decode step of B sequences with caches of their own attends in B calls per layer; with
-their caches as rows of one tensor it attends in one batched matmul over the rows (the
-K·qᵀ scores, a length mask, softmax, P·V). Measured on this 2-core CPU (8 sequences at
-2K keys, 30 layers of distinct caches, 2 threads, medians of 9 rounds): 65 ms for the 240
-separate flash-attention calls against 40-47 ms for 30 batched ones; a decode step of 8
-sequences spends about half its time there.
+A decode step of B sequences whose memories are tensors of their own attends in B calls
+per layer; with their memories as rows of one tensor it attends in one batched matmul
+over the rows. Measured on this 2-core CPU (full attention, 8 sequences at 2K keys, 30
+layers of distinct caches, 2 threads, medians of 9 rounds): 65 ms for the 240 separate
+flash-attention calls against 40-47 ms for 30 batched ones; a decode step of 8 sequences
+spends about half its time there. InfLLM's per-sequence decode is mostly small ops (about
+100 per sequence and layer), which a batched step replaces by one set per layer.
 
-A :class:`KVBank` holds ``rows`` caches of ``capacity`` tokens for every layer, in one
-anonymous memory map on the CPU: pages are only backed by memory once written (a row's
-resident size is what its sequence has read), and a freed row gives its pages back to the
-system at once (``madvise(MADV_DONTNEED)``: they read as zeros afterwards). On other
-devices a bank is an ordinary zeroed tensor. :class:`KVArena` hands out rows of banks by
-capacity class (powers of two from 1024 tokens), opening a bank when every row of its
-class is taken.
+A :class:`RowBank` holds ``rows`` rows of named tensors (each row its own ``shape``) for
+every layer, in one anonymous private memory map on the CPU: pages are backed by memory
+only once written (a row's resident size is what its sequence wrote), and a freed row
+gives its pages back to the system at once (``madvise(MADV_DONTNEED)``: they read as
+zeros afterwards). On other devices a bank is an ordinary zeroed tensor. :class:`Arena`
+hands out rows of banks by kind (a memory mode and what fixes its shapes: a full cache's
+capacity class, an InfLLM memory's config), opening a bank when every row of its kind is
+taken.
 """
 
 from __future__ import annotations
 
+import math
 import mmap
+from typing import Hashable
 
 import torch
 
-from ..config import ModelArgs
-
-MIN_CAPACITY = 1024  # the smallest capacity class (tokens)
+MIN_CAPACITY = 1024  # the smallest full-attention capacity class (tokens)
 ROWS_PER_BANK = 16  # rows one bank holds at most
 BANK_BYTES = 8 * 2**30  # the most address space one bank takes (its pages are backed lazily)
 
@@ -34,28 +36,40 @@ def capacity_class(capacity: int) -> int:
     return max(MIN_CAPACITY, 1 << (capacity - 1).bit_length())
 
 
-class KVBank:
-    """``rows`` KV caches of ``capacity`` tokens for each of ``args.n_layers`` layers:
-    ``k[i]``/``v[i]`` (rows, Hkv, capacity, d) of layer ``i``."""
+class RowBank:
+    """``rows`` rows of the named tensors ``shapes`` for each of ``n_layers`` layers:
+    ``slab(i, name)`` is (rows, *shapes[name]) of layer ``i``."""
 
-    def __init__(self, args: ModelArgs, rows: int, capacity: int, dtype: torch.dtype,
-                 device: torch.device):
-        self.rows, self.capacity = rows, capacity
-        shape = (args.n_layers, 2, rows, args.n_kv_heads, capacity, args.head_dim)
+    def __init__(self, n_layers: int, shapes: dict[str, tuple[int, ...]], rows: int,
+                 dtype: torch.dtype, device: torch.device):
+        self.rows = rows
+        sizes = {name: math.prod(shape) for name, shape in shapes.items()}
+        total = n_layers * rows * sum(sizes.values())
         self._map = None
         if device.type == "cpu":
             itemsize = torch.empty((), dtype=dtype).element_size()
-            n = 1
-            for s in shape:
-                n *= s
-            self._map = mmap.mmap(-1, n * itemsize, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # zero pages until written
-            store = torch.frombuffer(self._map, dtype=dtype).view(shape)
+            self._map = mmap.mmap(-1, total * itemsize, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            flat = torch.frombuffer(self._map, dtype=dtype)  # zero pages until written
         else:
-            store = torch.zeros(shape, dtype=dtype, device=device)
-        self._store = store
-        self.k = [store[i, 0] for i in range(args.n_layers)]  # each (rows, Hkv, C, d)
-        self.v = [store[i, 1] for i in range(args.n_layers)]
+            flat = torch.zeros(total, dtype=dtype, device=device)
+        self._slabs, self._spans, at = [], [], 0  # spans: (first element, row elements) per slab
+        for _ in range(n_layers):
+            layer = {}
+            for name, shape in shapes.items():
+                n = rows * sizes[name]
+                layer[name] = flat[at:at + n].view(rows, *shape)
+                self._spans.append((at, sizes[name]))
+                at += n
+            self._slabs.append(layer)
+        self._flat = flat
         self.free = list(range(rows))
+
+    def slab(self, layer: int, name: str) -> torch.Tensor:
+        return self._slabs[layer][name]
+
+    def views(self, layer: int, row: int) -> dict[str, torch.Tensor]:
+        """Layer ``layer``'s tensors of row ``row``, each (1, *shape)."""
+        return {name: t[row:row + 1] for name, t in self._slabs[layer].items()}
 
     def take(self) -> int | None:
         """The lowest free row (rows in use stay packed at the front), or None."""
@@ -66,29 +80,34 @@ class KVBank:
 
     def give(self, row: int) -> None:
         """Row ``row`` is free again; its pages go back to the system (zeros when next read)."""
-        if self._map is not None:
-            row_bytes = self._store[0, 0, 0].numel() * self._store.element_size()
-            per_layer_kv = self.rows * row_bytes
-            for block in range(self._store.shape[0] * 2):  # every (layer, k|v) slab
-                start = block * per_layer_kv + row * row_bytes
-                first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages inside the row only
-                last = (start + row_bytes) // mmap.PAGESIZE * mmap.PAGESIZE
-                if last > first:
-                    self._map.madvise(mmap.MADV_DONTNEED, first, last - first)
+        if self._map is None:
+            for layer in self._slabs:
+                for t in layer.values():
+                    t[row].zero_()
         else:
-            self._store[:, :, row].zero_()
+            per_page = mmap.PAGESIZE // self._flat.element_size()  # elements per page
+            for first, size in self._spans:
+                lo, hi = first + row * size, first + (row + 1) * size  # the row's elements
+                a, b = -(-lo // per_page) * per_page, hi // per_page * per_page  # its whole pages
+                if b > a:
+                    self._map.madvise(mmap.MADV_DONTNEED, a * self._flat.element_size(),
+                                      (b - a) * self._flat.element_size())
+                    self._flat[lo:a].zero_()  # the pages it shares with its neighbours
+                    self._flat[b:hi].zero_()
+                else:
+                    self._flat[lo:hi].zero_()
         self.free.append(row)
 
 
 class ArenaRow:
-    """One sequence's row of a bank: its layers' caches are ``k[i][row:row + 1]``."""
+    """One memory's row of a bank."""
 
-    def __init__(self, bank: KVBank, row: int):
+    def __init__(self, bank: RowBank, row: int):
         self.bank, self.row = bank, row
 
-    def views(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Layer ``layer``'s cache of this row: k, v (1, Hkv, C, d) views."""
-        return (self.bank.k[layer][self.row:self.row + 1], self.bank.v[layer][self.row:self.row + 1])
+    def views(self, layer: int) -> dict[str, torch.Tensor]:
+        """Layer ``layer``'s tensors of this row, each (1, *shape)."""
+        return self.bank.views(layer, self.row)
 
     def release(self) -> None:
         """Give the row back (idempotent)."""
@@ -97,32 +116,28 @@ class ArenaRow:
             self.bank = None
 
 
-class KVArena:
-    """Rows for full-attention caches of one model, by capacity class."""
+class Arena:
+    """Rows for the attention memories of one model's sequences, by kind."""
 
-    def __init__(self, args: ModelArgs, dtype: torch.dtype, device: torch.device | str):
-        self.args, self.dtype, self.device = args, dtype, torch.device(device)
-        self.banks: dict[int, list[KVBank]] = {}
+    def __init__(self, n_layers: int, device: torch.device | str):
+        self.n_layers, self.device = n_layers, torch.device(device)
+        self.banks: dict[Hashable, list[RowBank]] = {}
+
+    def take(self, kind: Hashable, shapes: dict[str, tuple[int, ...]],
+             dtype: torch.dtype = torch.float32) -> ArenaRow | None:
+        """A free row of the bank of ``kind`` (rows of the tensors ``shapes`` per layer; the
+        same kind always has the same shapes), or None where a row is too large for a bank
+        (such a memory keeps tensors of its own)."""
         itemsize = torch.empty((), dtype=dtype).element_size()
-        self.token_bytes = 2 * args.n_layers * args.n_kv_heads * args.head_dim * itemsize
-
-    def rows_per_bank(self, capacity: int) -> int:
-        """How many rows of ``capacity_class(capacity)`` tokens a bank holds (0: too large
-        a row for a bank; such a cache is a tensor of its own)."""
-        return min(ROWS_PER_BANK, BANK_BYTES // (capacity_class(capacity) * self.token_bytes))
-
-    def take(self, capacity: int) -> ArenaRow | None:
-        """A free row of at least ``capacity`` tokens, or None where rows that large are
-        not banked."""
-        size = capacity_class(capacity)
-        rows = self.rows_per_bank(size)
+        row_bytes = self.n_layers * sum(math.prod(s) for s in shapes.values()) * itemsize
+        rows = min(ROWS_PER_BANK, BANK_BYTES // row_bytes)
         if rows == 0:
             return None
-        banks = self.banks.setdefault(size, [])
+        banks = self.banks.setdefault((kind, dtype), [])
         for bank in banks:
             row = bank.take()
             if row is not None:
                 return ArenaRow(bank, row)
-        bank = KVBank(self.args, rows, size, self.dtype, self.device)
+        bank = RowBank(self.n_layers, shapes, rows, dtype, self.device)
         banks.append(bank)
         return ArenaRow(bank, bank.take())

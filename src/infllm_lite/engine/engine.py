@@ -43,7 +43,7 @@ import torch
 from ..attention import make_attention_state, make_kernel
 from ..attention.footprint import state_bytes
 from ..attention.full import FullAttentionState
-from ..attention.kv_arena import KVArena
+from ..attention.kv_arena import Arena
 from ..attention.ragged import RaggedBatch
 from ..errors import InfLLMLiteError
 from ..memory_config import MemoryConfig
@@ -113,7 +113,7 @@ class Engine:
         self.device, self.dtype = param.device, param.dtype
         self.memory_budget, self.max_sequences, self.step_tokens = memory_budget, max_sequences, step_tokens
         self.kernel = make_kernel(attention_kernel, self.device)
-        self.arena = KVArena(model.args, self.dtype, self.device)  # rows for full-attention caches
+        self.arena = Arena(model.args.n_layers, self.device)  # rows of the sequences' memories
         if stop_token_ids is None:
             stop_token_ids = (set(model.args.eos_token_ids) if tokenizer is None
                               else prompt_stop_ids(model, tokenizer))
@@ -290,9 +290,9 @@ class Engine:
         req = seq.request
         if req.state is None:
             capacity = req.capacity or len(seq.prompt) + req.max_new_tokens
-            row = self._arena_row(req, capacity)
-            if row is not None:
-                return FullAttentionState(self.model.args, capacity, dtype=self.dtype, device=self.device, row=row)
+            state = self._in_arena(req, seq.memory, capacity)
+            if state is not None:
+                return state
             return make_attention_state(
                 req.attention, self.model.args, capacity=capacity,
                 memory=seq.memory, dtype=self.dtype, device=self.device, kernel=self.kernel)
@@ -304,14 +304,15 @@ class Engine:
             self._held.pop(id(state), None)
         return state
 
-    def _arena_row(self, req: Request, capacity: int):
-        """A row of the engine's KV arena for a new full-attention cache (so decode steps
-        attend over the batch's caches at once), or None: not full attention, a store
-        dtype other than the model's, not on the CPU, or too large a cache for a bank."""
-        if (req.attention != "full" or self.device.type != "cpu"
-                or getattr(req.memory, "kv_dtype", None) not in (None, str(self.dtype).removeprefix("torch."))):
+    def _in_arena(self, req: Request, memory: MemoryConfig | None, capacity: int):
+        """A new memory in a row of the engine's arena (so decode steps attend over the
+        batch's memories at once), or None: not on the CPU, a full cache stored in
+        another dtype than the model's, another mode, or too large a row for a bank."""
+        if self.device.type != "cpu":
             return None
-        return self.arena.take(capacity)
+        if req.attention == "full" and getattr(memory, "kv_dtype", None) in (None, str(self.dtype)[6:]):
+            return FullAttentionState.in_arena(self.arena, self.model.args, capacity, self.dtype)
+        return None
 
     def _refuse(self, seq: Sequence, why: str) -> None:
         """End a waiting ``seq`` that cannot run; its event is reported by this step."""

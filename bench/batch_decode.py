@@ -173,7 +173,8 @@ def engine_run(model, tokenizer, mode: str, prompts: list[list[int]], new_tokens
                seq_ms_per_step_median=statistics.median(per_step_ms) if per_step_ms else None,
                ttft_s=ttft, ttft_median_s=statistics.median(ttft), ttft_max_s=max(ttft),
                seq_total_s=[s.stats.total_seconds for s in seqs])
-    del engine, seqs
+    engine.close()  # its memories and arena rows given back before the next run
+    del seqs
     gc.collect()
     return row
 

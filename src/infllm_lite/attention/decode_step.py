@@ -57,12 +57,17 @@ class SelectedBlocks:
     """The keys and values of one sequence's selected blocks, side by side: position j
     (``block_size`` slots) holds block ``blocks[j]``. :meth:`update` makes positions
     ``[0, k)`` hold a selection of k blocks, copying from the pool's fast tier slot_k /
-    slot_v (Hkv, n_slots, block_size, d) only the blocks that were not already there."""
+    slot_v (Hkv, n_slots, block_size, d) only the blocks that were not already there.
+    ``store``: the (Hkv, topk, block_size, d) keys and values to keep them in (an arena
+    row's), else tensors of its own."""
 
     def __init__(self, n_kv_heads: int, topk: int, block_size: int, head_dim: int, device: torch.device,
-                 slot_k: torch.Tensor, slot_v: torch.Tensor):
-        self.k = torch.zeros(n_kv_heads, topk, block_size, head_dim, device=device)
-        self.v = torch.zeros_like(self.k)
+                 slot_k: torch.Tensor, slot_v: torch.Tensor,
+                 store: tuple[torch.Tensor, torch.Tensor] | None = None):
+        if store is None:  # else (k, v) given: zeros of that shape (an arena row's)
+            k = torch.zeros(n_kv_heads, topk, block_size, head_dim, device=device)
+            store = k, torch.zeros_like(k)
+        self.k, self.v = store
         self.slot_k, self.slot_v = slot_k, slot_v
         self.blocks = [-1] * topk
         self._flat = {}  # k -> the first k positions' keys and values (Hkv, k·block_size, d)

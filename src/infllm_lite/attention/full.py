@@ -18,7 +18,7 @@ from ..causal import causal_attention, one_query_attention, prefix_causal_attent
 from ..errors import InfLLMLiteError
 from ..rope import apply_rope
 from .base import AttentionState, LayerAttention, copy_into
-from .kv_arena import capacity_class
+from .kv_arena import attend_by_bank, capacity_class
 
 
 class FullLayerAttention(LayerAttention):
@@ -80,16 +80,7 @@ class FullLayerAttention(LayerAttention):
             return super().attend_many(layers, q, k, v, positions, cos, sin, rope)
         cos, sin = cos[:, None], sin[:, None]  # (B, 1, 1, d): broadcast over heads
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        groups: dict[object, list[int]] = {}  # rows of one bank together, each other cache alone
-        for b, layer in enumerate(layers):
-            groups.setdefault(("bank", id(layer.row.bank)) if layer.row is not None else b, []).append(b)
-        if len(groups) == 1:
-            return _attend_group(layers, q, k, v)
-        out = torch.empty_like(q)  # (B, H, 1, d)
-        for rows in groups.values():
-            index = torch.tensor(rows, device=q.device)
-            out[index] = _attend_group([layers[b] for b in rows], q[index], k[index], v[index])
-        return out
+        return attend_by_bank(layers, q, k, v, _attend_group)
 
     def export(self):
         n = self.state.length
@@ -138,7 +129,7 @@ def attend_bank(layers: list[FullLayerAttention], q: torch.Tensor, k: torch.Tens
 
 class FullAttentionState(AttentionState):
     """KV caches of all layers, allocated once for ``capacity`` tokens, or held in a row of
-    a :class:`~.kv_arena.KVArena` bank (``row``, given back at :meth:`close`)."""
+    a :class:`~.kv_arena.Arena` bank (``row``, given back at :meth:`close`)."""
 
     def __init__(self, args: ModelArgs, capacity: int, *, batch_size: int = 1,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",

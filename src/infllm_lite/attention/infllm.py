@@ -67,23 +67,32 @@ from ..memory_config import MemoryConfig, n_formed_blocks
 from ..rope import RotaryEmbedding, apply_rope
 from .base import AttentionState, LayerAttention, copy_into, storage_dtype
 from .decode_step import SelectedBlocks, one_query_attention
+from .infllm_rows import attend_rows
 from .kernels import ChunkGeometry, InfLLMKernel, make_kernel
+from .kv_arena import attend_by_bank
 from .slots import SlotLayout
 
 
 class InfLLMLayerAttention(LayerAttention):
     """One layer's InfLLM memory."""
 
-    def __init__(self, state: "InfLLMState", args: ModelArgs):
+    def __init__(self, state: "InfLLMState", args: ModelArgs, index: int):
         cfg, lay = state.config, state.layout
         B, Hkv, d = state.batch_size, args.n_kv_heads, args.head_dim
-        self.state, self.cfg = state, cfg
+        self.state, self.cfg, self.index = state, cfg, index
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, Hkv, d
-        slots = torch.zeros(B, Hkv, lay.n_slots, d + 2, device=state.device)  # float32
-        slots[:, :, :-1, d] = 1.0  # "real" column
-        slots[:, :, -1, d + 1] = 1.0  # "sentinel" column
-        self.k_rot, self.k_raw, self.v = slots, slots.clone(), slots.clone()
-        self.tail_scores = torch.zeros(B, args.n_heads, lay.tail_capacity, device=state.device)
+        self.row = state.row  # an arena row holding this layer's slot arrays, or None
+        if self.row is None:
+            slots = torch.zeros(B, Hkv, lay.n_slots, d + 2, device=state.device)  # float32
+            self.k_rot, self.k_raw, self.v = slots, slots.clone(), slots.clone()
+            self.tail_scores = torch.zeros(B, args.n_heads, lay.tail_capacity, device=state.device)
+        else:  # zeros, as a row is handed out
+            views = self.row.views(index)
+            self.k_rot, self.k_raw, self.v = views["k_rot"], views["k_raw"], views["v"]
+            self.tail_scores = views["tail_scores"]
+        for slots in (self.k_rot, self.k_raw, self.v):
+            slots[:, :, :-1, d] = 1.0  # "real" column
+            slots[:, :, -1, d + 1] = 1.0  # "sentinel" column
         self.n_blocks = 0
         self.block_repr = torch.zeros(B, 0, args.n_heads * d, dtype=torch.float32, device=state.device)
         a, b = lay.pool_slot, lay.pool_end
@@ -115,6 +124,15 @@ class InfLLMLayerAttention(LayerAttention):
             b = min(a + self.cfg.exc_block_size, q.shape[-2])
             outs.append(self._chunk(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], start + a, start + b))
         return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
+
+    @classmethod
+    def attend_many(cls, layers, q, k, v, positions, cos, sin, rope):
+        """Decode steps of B sequences (one query each, the one-query path): the memories
+        that are rows of one arena bank together (:func:`.infllm_rows.attend_rows`), each
+        other alone; anything else through each layer's own ``attend``."""
+        if q.shape[-2] != 1 or not all(layer.state.one_query and layer.state.batch_size == 1 for layer in layers):
+            return super().attend_many(layers, q, k, v, positions, cos, sin, rope)
+        return attend_by_bank(layers, q, k, v, attend_rows)
 
     def _held(self) -> tuple[int, int]:
         """(initial tokens, tail tokens) the slot array holds after ``state.length`` tokens."""
@@ -223,8 +241,9 @@ class InfLLMLayerAttention(LayerAttention):
         and the values (Hkv, S, d) and the tail's scores (H, ·) of the one sequence, and
         the first tail slot."""
         d = self.head_dim
+        store = None if self.row is None else tuple(self.row.views(self.index)[name][0] for name in ("sel_k", "sel_v"))
         self._one_selected = SelectedBlocks(self.n_kv_heads, self.cfg.topk, self.cfg.block_size, d,
-                                            self.k_raw.device, self.pool.slot_k[0], self.pool.slot_v[0])
+                                            self.k_raw.device, self.pool.slot_k[0], self.pool.slot_v[0], store)
         return (self.k_rot[0, :, :, :d], self.k_raw[0, :, :, :d], self.v[0, :, :, :d], self.tail_scores[0],
                 self.state.layout.tail_slot)
 
@@ -363,7 +382,7 @@ class InfLLMState(AttentionState):
 
     def __init__(self, args: ModelArgs, config: MemoryConfig, *, batch_size: int = 1,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                 kernel: "str | InfLLMKernel" = "auto"):
+                 kernel: "str | InfLLMKernel" = "auto", row=None):
         self.config, self.batch_size, self.dtype = config, batch_size, dtype
         self.device = torch.device(device)
         self.kernel = make_kernel(kernel, self.device)
@@ -383,7 +402,27 @@ class InfLLMState(AttentionState):
         # per chunk and layer) so every rank selects the same blocks. None: one process.
         self.score_reduce = getattr(args, "score_reduce", None)
         self._rotation_key, self._rotation = None, None
-        self.layers = [InfLLMLayerAttention(self, args) for _ in range(args.n_layers)]
+        self._rows_rotation_key, self._rows_rotation = None, None
+        if row is not None and batch_size != 1:
+            raise InfLLMLiteError("an arena row holds the memory of one sequence")
+        self.row = row  # an arena row (:meth:`in_arena`) holding the layers' slot arrays, or None
+        self.layers = [InfLLMLayerAttention(self, args, i) for i in range(args.n_layers)]
+
+    @classmethod
+    def in_arena(cls, arena, args: ModelArgs, config: MemoryConfig, *, dtype: torch.dtype = torch.float32,
+                 kernel: "str | InfLLMKernel" = "auto") -> "InfLLMState | None":
+        """A memory of one sequence whose slot arrays, tail scores and selected blocks are
+        a row of ``arena`` (a :class:`~.kv_arena.Arena`; memories of one config share a
+        bank, so their decode steps attend together, :mod:`.infllm_rows`), or None where
+        the row would be too large for a bank."""
+        lay = SlotLayout.build(config, batch_size=1, group=args.n_heads // args.n_kv_heads)
+        Hkv, d = args.n_kv_heads, args.head_dim
+        slots = (Hkv, lay.n_slots, d + 2)
+        selected = (Hkv, config.topk, config.block_size, d)
+        row = arena.take(("infllm", config), {"k_rot": slots, "k_raw": slots, "v": slots,
+                                              "tail_scores": (args.n_heads, lay.tail_capacity),
+                                              "sel_k": selected, "sel_v": selected})
+        return None if row is None else cls(args, config, dtype=dtype, device=arena.device, kernel=kernel, row=row)
 
     def stats(self) -> PoolStats:
         """The block pools' counters added up over the layers."""
@@ -395,6 +434,11 @@ class InfLLMState(AttentionState):
         for layer in self.layers:
             layer.pool.close()
         super().close()
+        if self.row is not None:  # given back (its pages freed) once no layer reads it
+            for layer in self.layers:
+                layer.row = layer._one = layer._one_selected = None
+            self.row.release()
+            self.row = None
 
     def geometry(self, s: int, e: int, tail_start: int) -> ChunkGeometry:
         """The kernel's geometry of the chunk [s, e): identical in every layer, so built
@@ -415,3 +459,13 @@ class InfLLMState(AttentionState):
                               torch.cat((sin, self.sin_far)).view(2, 1, 1, -1))
             self._rotation_key = s
         return self._rotation
+
+    def rows_rotation(self, starts: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) (B, 1, 1, d) of one query of each of B sequences at ``starts`` (their
+        own angles, as :meth:`one_query_rotation` computes them); built once per step for
+        all layers (:mod:`.infllm_rows`)."""
+        if self._rows_rotation_key != starts:
+            cos, sin = self.rope(torch.tensor(starts, device=self.device), torch.float32)  # (B, d)
+            self._rows_rotation = cos[:, None, None], sin[:, None, None]
+            self._rows_rotation_key = starts
+        return self._rows_rotation

@@ -141,3 +141,20 @@ class Arena:
         bank = RowBank(self.n_layers, shapes, rows, dtype, self.device)
         banks.append(bank)
         return ArenaRow(bank, bank.take())
+
+
+def attend_by_bank(layers: list, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attend_group) -> torch.Tensor:
+    """One layer's decode step of B memories (each layer's ``row`` an :class:`ArenaRow` or
+    None): ``attend_group(layers', q', k', v')`` once for the memories that are rows of
+    one bank, and once for each other memory alone; their outputs (B', H, 1, d) scattered
+    back to the batch's order. q: (B, H, 1, d), k/v: (B, Hkv, 1, d)."""
+    groups: dict[object, list[int]] = {}
+    for b, layer in enumerate(layers):
+        groups.setdefault(("bank", id(layer.row.bank)) if layer.row is not None else b, []).append(b)
+    if len(groups) == 1:
+        return attend_group(layers, q, k, v)
+    out = torch.empty_like(q)  # (B, H, 1, d)
+    for rows in groups.values():
+        index = torch.tensor(rows, device=q.device)
+        out[index] = attend_group([layers[b] for b in rows], q[index], k[index], v[index])
+    return out

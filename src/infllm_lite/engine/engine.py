@@ -43,6 +43,7 @@ import torch
 from ..attention import make_attention_state, make_kernel
 from ..attention.footprint import state_bytes
 from ..attention.full import FullAttentionState
+from ..attention.infllm import InfLLMState
 from ..attention.kv_arena import Arena
 from ..attention.ragged import RaggedBatch
 from ..errors import InfLLMLiteError
@@ -312,6 +313,9 @@ class Engine:
             return None
         if req.attention == "full" and getattr(memory, "kv_dtype", None) in (None, str(self.dtype)[6:]):
             return FullAttentionState.in_arena(self.arena, self.model.args, capacity, self.dtype)
+        if req.attention == "infllm":
+            memory = memory if memory is not None else MemoryConfig.for_model(self.model.args)
+            return InfLLMState.in_arena(self.arena, self.model.args, memory, dtype=self.dtype, kernel=self.kernel)
         return None
 
     def _refuse(self, seq: Sequence, why: str) -> None:

@@ -106,7 +106,8 @@ def attend_bank(layers: list[FullLayerAttention], q: torch.Tensor, k: torch.Tens
     rotated key/value (B, Hkv, 1, d) at its row's next position, then attend the rotated
     queries (B, H, 1, d) over the bank's rows from the lowest to the highest of them, up to
     the longest length, in one batched matmul each for the scores and the output, each
-    row's keys past its own length masked out. Returns (B, H, 1, d)."""
+    row's keys past its own length masked out (rows between them that are not in the
+    batch attend garbage, dropped). Returns (B, H, 1, d)."""
     bank, i = layers[0].row.bank, layers[0].index
     rows = torch.tensor([layer.row.row for layer in layers], device=q.device)  # (B,)
     ends = torch.tensor([layer.state.length + 1 for layer in layers], device=q.device)  # (B,)
@@ -117,12 +118,14 @@ def attend_bank(layers: list[FullLayerAttention], q: torch.Tensor, k: torch.Tens
     B, H, _, d = q.shape
     Hkv = k.shape[1]
     grouped = q.new_zeros(hi - lo, Hkv, H // Hkv, d)  # (R', Hkv, G, d): rows lo..hi-1
-    grouped[rows - lo] = q.reshape(B, Hkv, H // Hkv, d)
-    scores = grouped @ keys[lo:hi, :, :end].transpose(-1, -2) * d ** -0.5  # (R', Hkv, G, end)
-    limit = ends.new_zeros(hi - lo)  # (R',) keys each row sees; 0 for rows outside the batch
-    limit[rows - lo] = ends
-    past = torch.arange(end, device=q.device) >= limit[:, None]  # (R', end)
-    scores.masked_fill_(past[:, None, None, :], float("-inf"))  # (rows outside: all masked, dropped)
+    grouped[rows - lo] = q.reshape(B, Hkv, H // Hkv, d) * d ** -0.5  # scaled here: the fewest elements
+    scores = grouped @ keys[lo:hi, :, :end].transpose(-1, -2)  # (R', Hkv, G, end)
+    shortest = min(layer.state.length for layer in layers) + 1  # keys every row sees
+    if shortest < end:  # mask only the columns some row does not see (rows outside the batch: dropped)
+        limit = ends.new_full((hi - lo,), end)  # (R',) keys each row sees
+        limit[rows - lo] = ends
+        past = torch.arange(shortest, end, device=q.device) >= limit[:, None]  # (R', end - shortest)
+        scores[..., shortest:].masked_fill_(past[:, None, None, :], float("-inf"))
     out = scores.softmax(dim=-1) @ values[lo:hi, :, :end]  # (R', Hkv, G, d)
     return out[rows - lo].reshape(B, H, 1, d)
 

@@ -5,6 +5,8 @@ import json
 import re
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from infllm_lite.errors import InfLLMLiteError
 from infllm_lite.eval import metrics
@@ -121,6 +123,35 @@ def test_qa_from_data_dir_and_a_clear_message_without(tokenizer, tmp_path):
     (i,) = re.findall(r"What is the (\d+)th answer\?", s.prompt)
     assert s.answers == (f"word{i}",) and f"says the {i}th answer is word{i}." in s.prompt
     assert s.prompt.endswith(" Answer:")
+
+
+def _ruler_postprocess_pred(predict_str: str) -> str:
+    """NVIDIA/RULER scripts/eval/evaluate.py ``postprocess_pred``, as written there."""
+    predict_str = predict_str.strip()
+    np_pattern = re.compile(r'[\x00-\x1f]')
+    predict_str = np_pattern.sub('\n', predict_str).strip()
+    return predict_str
+
+
+def test_ruler_postprocess_hand_computed():
+    clean = metrics.ruler_postprocess
+    assert clean(" 1234567\n") == "1234567"
+    # NUL and SOH are no whitespace to strip: newlines first, then stripped; US (0x1f) is
+    assert clean("\x00\x01 7654321 \x1f") == "7654321"
+    assert clean("a\tb\r\nc") == "a\nb\n\nc"  # every control character inside a newline
+    assert clean("\x1b[1mBold\x1b[0m") == "[1mBold\n[0m"
+    assert clean("\x7fdel\u00e9") == "\x7fdel\u00e9"  # DEL and non-ASCII untouched
+    assert clean("\u00a0x\u2003") == "x"  # Unicode spaces at the ends go (Python's strip)
+    # applied before RULER's metrics, and only there: a tab no longer hides a line break
+    assert metrics.string_match_part("Paris\tFrance", ["paris\nfrance"]) == 0.0
+    assert metrics.score("qa_1", "Paris\tFrance", ["paris\nfrance"]) == 1.0
+    assert metrics.score("niah_multivalue", "1\x002\t3", ["1\n2", "2\n3", "x"]) == 2 / 3
+    assert metrics.score("kv_retrieval", "a\tb", ["a\nb"]) == 0.0  # not InfiniteBench's
+
+
+@given(st.text(st.sampled_from("ab 7-.\t\n\r\x00\x0b\x0c\x1b\x1c\x1f\x7f\x85\xa0\u2028\u3000")))
+def test_ruler_postprocess_is_rulers(text):
+    assert metrics.ruler_postprocess(text) == _ruler_postprocess_pred(text)
 
 
 def test_registered_for_the_runner():

@@ -1,4 +1,4 @@
-"""Scoring rules of InfiniteBench and LongBench, ported from the official code.
+"""Scoring rules of InfiniteBench, LongBench and RULER, ported from the official code.
 
     score("qasper", prediction, sample.answers)              # in [0, 1]
     score("trec", first_line(prediction), sample.answers, all_classes=sample.meta["all_classes"])
@@ -17,6 +17,9 @@ Sources (each scorer follows one function of these files):
 * InfiniteBench: OpenBMB/InfiniteBench ``src/compute_scores.py`` at 88b3daa
   (``get_score_one_*``) and ``src/eval_utils.py`` (``get_answer``: the label of the choice
   tasks is ``[option_text, letter]``).
+* RULER: NVIDIA/RULER ``scripts/eval/synthetic/constants.py`` (``string_match_all``,
+  ``string_match_part``, per sample here) and ``scripts/eval/evaluate.py``
+  (``postprocess_pred``, applied by ``score`` before them: ``ruler_postprocess``).
 
 Libraries: LongBench's ROUGE-L is the ``rouge`` package's (1.0.1, as the official code);
 InfiniteBench's ROUGE-Lsum is ``evaluate.load("rouge")``, which is ``rouge-score``'s
@@ -291,6 +294,18 @@ def longdialogue_qa(prediction: str, answers: Sequence[str]) -> bool:
     return answers[0] in [word.upper() for word in _blank(prediction, _WORD_SEPARATORS).split()]
 
 
+# C0 control characters, U+0000-U+001F (tab and newline among them; not DEL), as newlines
+_CONTROL_TO_NEWLINE = dict.fromkeys(range(0x20), "\n")
+
+
+def ruler_postprocess(prediction: str) -> str:
+    """RULER's ``postprocess_pred`` (``scripts/eval/evaluate.py``), which it applies to every
+    prediction before its metrics: strip, make each C0 control character (U+0000-U+001F)
+    a newline, strip again. ``strip`` is Python's, so U+001C-U+001F, U+0085 and the Unicode
+    spaces go at the ends too."""
+    return prediction.strip().translate(_CONTROL_TO_NEWLINE).strip()
+
+
 def string_match_all(prediction: str, answers: Sequence[str]) -> float:
     """RULER's ``string_match_all`` for one sample: the share of the references found in the
     prediction, case-insensitive (RULER ``scripts/eval/synthetic/constants.py``)."""
@@ -402,6 +417,8 @@ RULER_METRICS: dict[str, str] = {
               "niah_multikey_2", "niah_multikey_3", "niah_multivalue", "niah_multiquery",
               "vt", "cwe", "fwe", "qa_1", "qa_2")}
 
+_RULER_METRICS = frozenset({"string_match_all", "string_match_part"})
+
 # Scorers of one reference (the sample's score is the max over its answers) ...
 _PER_REFERENCE: dict[str, Callable[[str, str], float]] = {
     "first_int_match": first_int_match, "kv_retrieval": kv_retrieval, "math_find": math_find,
@@ -419,7 +436,8 @@ _WHOLE_LABEL: dict[str, Callable[[str, Sequence[str]], float]] = {
 def score(task: str, prediction: str, answers: Sequence[str], *,
           all_classes: Sequence[str] | None = None) -> float:
     """``prediction``'s score in [0, 1] on ``task`` against ``answers`` (the max over them;
-    the whole list for the choice and dialogue tasks); trec needs ``all_classes``."""
+    the whole list for the choice, dialogue and RULER tasks); trec needs ``all_classes``.
+    A RULER task's prediction is cleaned first, as RULER does (:func:`ruler_postprocess`)."""
     if isinstance(answers, str):
         raise InfLLMLiteError(f"answers must be a sequence of references, "
                               f"got the string {answers!r}")
@@ -427,6 +445,8 @@ def score(task: str, prediction: str, answers: Sequence[str], *,
     if metric is None:
         raise InfLLMLiteError(f"no metric for task {task!r}; known tasks: "
                               f"{', '.join([*METRICS, *RULER_METRICS])}")
+    if metric in _RULER_METRICS:  # RULER cleans every prediction before scoring it
+        prediction = ruler_postprocess(prediction)
     if metric in _WHOLE_LABEL:
         return float(_WHOLE_LABEL[metric](prediction, answers))
     if metric == "classification":

@@ -3,6 +3,7 @@ asked, determinism by seed, RULER's two metrics, and one run of the eval runner.
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -10,10 +11,13 @@ from hypothesis import strategies as st
 
 from infllm_lite.errors import InfLLMLiteError
 from infllm_lite.eval import metrics
+from infllm_lite.eval.datasets import load_official
 from infllm_lite.eval.plan import EvalPlan
+from infllm_lite.eval.report import plot_depth_heatmaps, plot_scores
 from infllm_lite.eval.ruler import NIAH, QA_TASKS, RULER_TASKS, make_ruler_sample
-from infllm_lite.eval.runner import PREDICTIONS, run_eval
-from infllm_lite.eval.synthetic import SYNTHETIC_TASKS, make_synthetic_sample
+from infllm_lite.eval.runner import PREDICTIONS, run_eval, sample_makers
+from infllm_lite.eval.synthetic import (DEPTH_TASKS, GENERATED_TASKS, SYNTHETIC_TASKS,
+                                        make_synthetic_sample)
 from infllm_lite.eval.tasks import get_task
 from infllm_lite.generate import encode_prompt
 
@@ -157,11 +161,73 @@ def test_ruler_postprocess_is_rulers(text):
 def test_registered_for_the_runner():
     for task in RULER_TASKS:
         spec = get_task(task)
-        assert spec.benchmark == "ruler" and not spec.chat and task in SYNTHETIC_TASKS
-        assert task in metrics.RULER_METRICS
+        assert spec.benchmark == "ruler" and not spec.chat and task in GENERATED_TASKS
+        assert task in metrics.RULER_METRICS and task not in SYNTHETIC_TASKS
     assert get_task("niah_single_1").max_new_tokens == 128 and get_task("vt").max_new_tokens == 30
     assert EvalPlan(tasks=["niah_single_1"], lengths=[1024]).generated("niah_single_1")
-    assert list(SYNTHETIC_TASKS) == ["passkey", "number_string", "kv_retrieval"]  # unchanged
+    # InfiniteBench's three, a plain tuple as before RULER
+    assert type(SYNTHETIC_TASKS) is tuple and SYNTHETIC_TASKS == ("passkey", "number_string",
+                                                                  "kv_retrieval")
+    assert GENERATED_TASKS == SYNTHETIC_TASKS + RULER_TASKS
+
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def test_official_reads_infinitebench_files_and_still_generates_ruler(tokenizer):
+    """RULER has no official files: with ``official`` its tasks are generated, passkey read
+    from the files; load_official says so for a RULER task."""
+    plan = EvalPlan(tasks=["passkey", "niah_single_1"], modes=["full"], lengths=[1024],
+                    samples=1, data_dir=str(FIXTURES), official=True)
+    plan.check()
+    assert plan.generated("niah_single_1") and not plan.generated("passkey")
+    assert list(plan.load_data()) == ["passkey"]
+    (make,) = sample_makers(plan, tokenizer, "niah_single_1", 1024)
+    assert make() == make_ruler_sample("niah_single_1", tokenizer, 1024, 0.5, seed=1024 * 101)
+    (make,) = sample_makers(plan, tokenizer, "passkey", 1024)
+    assert make().id == "0"  # the fixture's record
+    with pytest.raises(InfLLMLiteError, match="niah_single_1 is a RULER task: RULER has no "
+                                              "official files.*generated here"):
+        load_official("niah_single_1", FIXTURES)
+
+
+def _plan_dict(tasks, modes=("infllm", "full"), official=False):
+    return dict(tasks=list(tasks), modes=list(modes), lengths=[1024, 2048], official=official)
+
+
+def test_depth_heatmaps_only_where_a_depth_places_the_needle(tmp_path):
+    """niah and qa put the needle (gold documents) at the depth; vt, cwe, fwe do not: no
+    heatmap for them, nor for official records (no depth)."""
+    pytest.importorskip("matplotlib").use("Agg")
+    assert set(DEPTH_TASKS) == {"passkey", "number_string", "kv_retrieval", *NIAH, *QA_TASKS}
+    tasks = ["niah_single_1", "vt", "cwe", "fwe", "qa_1", "passkey", "narrativeqa"]
+    records = [dict(task=t, mode="full", length=1024, depth=d, score=float(d < 0.5))
+               for t in tasks[:-1] for d in (0.05, 0.95)]
+    records += [dict(task="narrativeqa", mode="full", length=1024, score=1.0)]
+    written = plot_depth_heatmaps(tmp_path, dict(plan=_plan_dict(tasks, ["full"])), records)
+    assert [p.name for p in written] == [f"{t}_depth_heatmap.png" for t in
+                                         ("niah_single_1", "qa_1", "passkey")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in written)
+    # official passkey records carry no depth: no heatmap either
+    official = [dict(r, task="passkey") for r in records if r["task"] == "narrativeqa"]
+    assert plot_depth_heatmaps(tmp_path / "o", dict(plan=_plan_dict(["passkey"], official=True)),
+                               official) == []
+
+
+def test_score_plot_draws_every_mode(tmp_path, monkeypatch):
+    """Four modes, four lines (the styles once ran out after three, dropping the fourth)."""
+    pytest.importorskip("matplotlib").use("Agg")
+    import matplotlib.pyplot as plt
+    modes = ["infllm", "streaming", "lm-infinite", "full"]
+    cells = [dict(task="vt", mode=m, length=n, score=50.0) for m in modes for n in (1024, 2048)]
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    (path,) = plot_scores(tmp_path, dict(plan=_plan_dict(["vt"], modes, official=True),
+                                         cells=cells))
+    assert path.is_file()
+    (ax,) = figures[0].axes
+    assert [line.get_label() for line in ax.get_lines()] == modes
+    assert ax.get_xlabel() == "prompt tokens"  # vt is generated even with --official
 
 
 def test_eval_runner_end_to_end(smollm, tmp_path):

@@ -1,5 +1,5 @@
-"""Evaluation on InfiniteBench and LongBench: the official tasks (prompts, answer lengths,
-truncation, metrics), InfiniteBench's retrieval tasks generated locally, and a resumable
+"""Evaluation on InfiniteBench, LongBench and RULER: the official tasks (prompts, answer lengths,
+truncation, metrics), InfiniteBench's retrieval tasks and RULER's generated locally, and a resumable
 runner that writes predictions, a summary, tables and plots.
 
     from infllm_lite.eval import EvalPlan, run_eval
@@ -15,10 +15,11 @@ from .passkey import (PASSKEY, NeedleSample, NeedleTask, PasskeySample, make_nee
 from .plan import MODES, EvalPlan
 from .runner import report_only, run_eval
 from .sample import EvalSample, TaskSpec
-from .synthetic import SYNTHETIC_TASKS, make_synthetic_sample
+from .synthetic import GENERATED_TASKS, SYNTHETIC_TASKS, make_synthetic_sample
 from .tasks import TASKS, build_prompt, get_task, truncate_ids
 
-__all__ = ["METRICS", "MODES", "PASSKEY", "SYNTHETIC_TASKS", "TASKS", "EvalPlan", "EvalSample",
+__all__ = ["GENERATED_TASKS", "METRICS", "MODES", "PASSKEY", "SYNTHETIC_TASKS", "TASKS",
+           "EvalPlan", "EvalSample",
            "NeedleSample", "NeedleTask", "PasskeySample", "TaskSpec", "build_prompt", "first_int",
            "first_line", "get_task", "load_infinitebench", "load_longbench", "load_official",
            "make_needle_sample", "make_passkey_sample", "make_synthetic_sample", "report_only",

@@ -39,7 +39,12 @@ CHOICE_TASKS = ("longbook_choice_eng", "code_debug")
 
 def load_official(task: str, data_dir: str | os.PathLike | None = None) -> list[EvalSample]:
     """The samples of ``task`` (an InfiniteBench or LongBench task), in file order."""
-    if get_task(task).benchmark == "infinitebench":
+    benchmark = get_task(task).benchmark
+    if benchmark == "ruler":
+        raise InfLLMLiteError(f"{task} is a RULER task: RULER has no official files (its scripts "
+                              "generate the data), so it is generated here, with or without "
+                              "--official")
+    if benchmark == "infinitebench":
         return load_infinitebench(task, data_dir)
     return load_longbench(task, data_dir)
 

@@ -15,7 +15,7 @@ from ..options import ATTENTION_MODES, check_choice
 from .datasets import load_official
 from .metrics import require_scorers
 from .sample import EvalSample
-from .synthetic import SYNTHETIC_TASKS
+from .synthetic import generated_here
 from .tasks import TRUNCATION_PREFIX, get_task
 
 # the eval's order of the attention modes (default plan, reports, plots): InfLLM first, the
@@ -41,7 +41,7 @@ class EvalPlan:
     memory: MemoryConfig | None = None  # infllm and streaming (default: MemoryConfig.for_model)
     chunk_size: int | None = None
     attention_kernel: str = "auto"  # how infllm computes attention (see generate_ids)
-    official: bool = False  # passkey, number_string, kv_retrieval from the official files too
+    official: bool = False  # passkey, number_string, kv_retrieval from files (not RULER's)
 
     def load_data(self) -> dict[str, list[EvalSample]]:
         """Read every official task's records now (a missing file fails before any model is
@@ -52,8 +52,9 @@ class EvalPlan:
         return self._records
 
     def generated(self, task: str) -> bool:
-        """Whether ``task``'s samples are generated here (else read from official files)."""
-        return task in SYNTHETIC_TASKS and not self.official
+        """Whether ``task``'s samples are generated here (else read from official files):
+        :func:`.synthetic.generated_here` (RULER's tasks even with ``official``)."""
+        return generated_here(task, self.official)
 
     def check(self) -> None:
         """Raise InfLLMLiteError on a bad plan, before any work."""

@@ -1,6 +1,7 @@
 """An evaluation's report: scores per task × length × mode (``summary.json``), a markdown
 table per task (``summary.md``), and PNG plots: score against length per mode
-(``score_vs_length.png``) and, for the generated needle tasks, depth × length heatmaps
+(``score_vs_length.png``) and, for the generated tasks whose samples put the needle at their
+depth (:data:`.synthetic.DEPTH_TASKS`: not RULER's vt, cwe, fwe), depth × length heatmaps
 (``{task}_depth_heatmap.png``). ``summary["files"]`` names what was written."""
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 
 from .files import write_atomic, writing
 from .plan import EvalPlan
-from .synthetic import SYNTHETIC_TASKS
+from .synthetic import DEPTH_TASKS, generated_here
 
 
 def _cell_key(r: dict) -> tuple:
@@ -114,6 +115,9 @@ def write_report(out: Path, summary: dict, records: list[dict], *, plots: bool =
     return written
 
 
+_STYLES = ("o-", "s--", "^:", "D-.")  # a line style per mode (cycled past four)
+
+
 def plot_scores(out: Path, summary: dict) -> list[Path]:
     """Score against prompt length, one panel per task, one line per attention mode."""
     import matplotlib.pyplot as plt
@@ -125,7 +129,8 @@ def plot_scores(out: Path, summary: dict) -> list[Path]:
     tasks = plan["tasks"]
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6), squeeze=False)
     for ax, task in zip(axes[0], tasks):
-        for mode, style in zip(plan["modes"], ("o-", "s--", "^:")):
+        for i, mode in enumerate(plan["modes"]):
+            style = _STYLES[i % len(_STYLES)]
             points = [(c["length"], c["score"]) for c in summary["cells"]
                       if c["task"] == task and c["mode"] == mode and c["score"] is not None]
             if points:
@@ -135,7 +140,7 @@ def plot_scores(out: Path, summary: dict) -> list[Path]:
         ax.set_xticks(lengths, [_length_label(n) for n in lengths])
         ax.set_ylim(-3, 103)
         ax.set_title(task)
-        generated = task in SYNTHETIC_TASKS and not plan.get("official")
+        generated = generated_here(task, bool(plan.get("official")))
         ax.set_xlabel("prompt tokens" if generated else "truncation limit (tokens)")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("score")
@@ -148,12 +153,16 @@ def plot_scores(out: Path, summary: dict) -> list[Path]:
 
 
 def plot_depth_heatmaps(out: Path, summary: dict, records: list[dict]) -> list[Path]:
-    """For each generated task: needle depth × length, one panel per mode, the mean score."""
+    """For each generated task with a needle depth (:data:`.synthetic.DEPTH_TASKS`): needle
+    depth × length, one panel per mode, the mean score. vt, cwe and fwe samples also record
+    the runner's depth, which places nothing there: no heatmap."""
     import matplotlib.pyplot as plt
 
     plan = summary["plan"]
     written = []
     for task in plan["tasks"]:
+        if task not in DEPTH_TASKS:
+            continue
         rs = [r for r in records if r["task"] == task and "depth" in r]  # generated samples
         if not rs:
             continue

@@ -73,6 +73,9 @@ FAMILY = {**{t: "niah" for t in NIAH}, "vt": "variable_tracking", "cwe": "common
           "fwe": "freq_words_extraction", "qa_1": "qa", "qa_2": "qa"}
 RULER_TASKS = tuple(FAMILY)
 QA_TASKS = ("qa_1", "qa_2")
+# the tasks whose sample puts what the answer needs at the runner's depth (niah: the first
+# asked-for needle; qa: the gold documents); vt, cwe and fwe have no such place
+DEPTH_TASKS = (*NIAH, *QA_TASKS)
 METRIC = {t: "string_match_part" if f == "qa" else "string_match_all" for t, f in FAMILY.items()}
 NEEDLE = "One of the special magic {type_needle_v} for {key} is: {value}."
 

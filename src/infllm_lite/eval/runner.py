@@ -6,7 +6,8 @@ line in ``predictions.jsonl`` (appended as it goes, so a run resumes where it st
     plan = EvalPlan(tasks=["passkey"], modes=["infllm", "full"], lengths=[4096, 8192], samples=10)
     summary = run_eval(model, tokenizer, plan, out_dir="eval_out")
 
-Generated tasks (:data:`SYNTHETIC_TASKS`, unless ``official``) are built at each length with
+Generated tasks (:data:`.synthetic.GENERATED_TASKS`; InfiniteBench's three not with ``official``,
+RULER's always) are built at each length with
 ``samples`` needle depths evenly spaced in [0.05, 0.95]; official tasks read their jsonl
 files (the first ``samples`` records), and a length there is a truncation limit. Prompts longer than a
 mode's limit are truncated the reference's way (:func:`truncate_ids`): by default full

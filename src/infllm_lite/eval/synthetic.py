@@ -15,6 +15,9 @@ The recipes follow InfiniteBench's ``data/construct_synthetic_dataset.py``:
 Every sample is a chat prompt of ``n_tokens`` tokens (±2%, chat template included), the same
 for every attention mode; deterministic in ``seed``.
 
+:func:`make_synthetic_sample` also makes RULER's tasks (:mod:`.ruler`): every task it
+makes is in :data:`GENERATED_TASKS`.
+
     sample = make_synthetic_sample("kv_retrieval", tokenizer, n_tokens=8192, depth=0.5, seed=0)
 """
 
@@ -30,6 +33,7 @@ from ..tokenizer import Tokenizer
 from .passkey import (LENGTH_TOLERANCE, PASSKEY, NeedleTask, check_target, make_needle_sample,
                       token_at)
 from .ruler import QA_TASKS, RULER_TASKS, make_ruler_sample
+from .ruler_prompt import DEPTH_TASKS as RULER_DEPTH_TASKS
 from .ruler_qa import make_qa_sample
 from .sample import EvalSample
 from .tasks import build_prompt, get_task
@@ -62,20 +66,20 @@ KV_QUESTION = '\nKey: "{key}"\nThe value associated with the specified key is: '
 
 INFINITEBENCH_GENERATED = ("passkey", "number_string", "kv_retrieval")
 
-
-class _GeneratedTasks(tuple):
-    """The generated tasks. Iterating (and ``len``) gives InfiniteBench's three, the ones
-    ``--official`` can also read from files; ``in`` also answers RULER's tasks
-    (:data:`.ruler.RULER_TASKS`), generated too, so the plan and the report, which ask
-    ``task in SYNTHETIC_TASKS``, generate and plot them. A stopgap until the plan names
-    :data:`GENERATED_TASKS` itself."""
-
-    def __contains__(self, task) -> bool:
-        return tuple.__contains__(self, task) or task in RULER_TASKS
-
-
-SYNTHETIC_TASKS = _GeneratedTasks(INFINITEBENCH_GENERATED)
+# InfiniteBench's three, the generated tasks ``--official`` reads from files instead (the
+# name older code imports; a plain tuple)
+SYNTHETIC_TASKS = INFINITEBENCH_GENERATED
 GENERATED_TASKS = INFINITEBENCH_GENERATED + RULER_TASKS  # every task generated here
+# the generated tasks whose needle (or gold documents) sits at the sample's depth: the ones
+# a depth x length heatmap means something for
+DEPTH_TASKS = INFINITEBENCH_GENERATED + RULER_DEPTH_TASKS
+
+
+def generated_here(task: str, official: bool = False) -> bool:
+    """Whether ``task``'s samples are generated here: any of :data:`GENERATED_TASKS`, but
+    with ``official`` InfiniteBench's three are read from the official files. RULER has no
+    official files (its own scripts generate its data), so its tasks are generated either way."""
+    return task in GENERATED_TASKS and not (official and task in SYNTHETIC_TASKS)
 
 
 def make_synthetic_sample(task: str, tokenizer: Tokenizer, n_tokens: int, depth: float,

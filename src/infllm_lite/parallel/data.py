@@ -10,14 +10,12 @@ with an error.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch.distributed as dist
 
-from ..errors import InfLLMLiteError
-from .group import barrier, init_distributed, rank_device
+from .group import barrier, env_seconds, init_distributed, rank_device
 
 DEFAULT_WAIT_S = 24 * 3600.0
 
@@ -45,11 +43,7 @@ class EvalShard:
 def join_eval(device=None) -> tuple[EvalShard, str]:
     """Join the launch's process group for a data-parallel evaluation: (the shard, this
     rank's device)."""
-    value = os.environ.get("INFLLM_LITE_EVAL_WAIT")
-    try:
-        wait = DEFAULT_WAIT_S if value is None else float(value)
-    except ValueError:
-        raise InfLLMLiteError(f"INFLLM_LITE_EVAL_WAIT must be a number of seconds, got {value!r}") from None
+    wait = env_seconds("INFLLM_LITE_EVAL_WAIT", DEFAULT_WAIT_S)
     device = rank_device(device)
     group = init_distributed(device, backend="gloo")
     wait_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=wait))

@@ -25,17 +25,23 @@ from ..errors import InfLLMLiteError
 DEFAULT_TIMEOUT_S = 300.0
 
 
-def timeout_seconds() -> float:
-    value = os.environ.get("INFLLM_LITE_DIST_TIMEOUT")
+def env_seconds(name: str, default: float) -> float:
+    """The positive number of seconds in the environment variable ``name`` (``default``
+    when it is not set)."""
+    value = os.environ.get(name)
     if value is None:
-        return DEFAULT_TIMEOUT_S
+        return default
     try:
         seconds = float(value)
     except ValueError:
-        raise InfLLMLiteError(f"INFLLM_LITE_DIST_TIMEOUT must be a number of seconds, got {value!r}") from None
+        raise InfLLMLiteError(f"{name} must be a number of seconds, got {value!r}") from None
     if seconds <= 0:
-        raise InfLLMLiteError(f"INFLLM_LITE_DIST_TIMEOUT must be positive, got {value!r}")
+        raise InfLLMLiteError(f"{name} must be positive, got {value!r}")
     return seconds
+
+
+def timeout_seconds() -> float:
+    return env_seconds("INFLLM_LITE_DIST_TIMEOUT", DEFAULT_TIMEOUT_S)
 
 
 def launched_distributed() -> bool:
@@ -107,3 +113,24 @@ def barrier(group) -> None:
         dist.barrier(group=group)
     except (RuntimeError, dist.DistError) as e:
         raise describe_failure(group, e, "a barrier") from None
+
+
+def broadcast_object(obj, group, src: int = 0):
+    """Rank ``src``'s ``obj`` (any picklable value) on every rank of ``group``; the other
+    ranks pass anything. A dead or hung peer raises :class:`InfLLMLiteError`."""
+    box = [obj]
+    try:
+        dist.broadcast_object_list(box, src=src, group=group)
+    except (RuntimeError, dist.DistError) as e:
+        raise describe_failure(group, e, "a broadcast") from None
+    return box[0]
+
+
+def all_gather_object(obj, group) -> list:
+    """Every rank's ``obj``, in rank order, on every rank of ``group``."""
+    out = [None] * dist.get_world_size(group)
+    try:
+        dist.all_gather_object(out, obj, group=group)
+    except (RuntimeError, dist.DistError) as e:
+        raise describe_failure(group, e, "an all_gather") from None
+    return out

@@ -96,6 +96,43 @@ def run_checks(model) -> dict:
     return out
 
 
+def chat_checks(group) -> dict:
+    """A tensor-parallel chat's ranks (:class:`~infllm_lite.parallel.chat.ChatPeers`): the
+    end of rank 0's input ends every rank; an error while rank 0 reads reaches the others;
+    each step's outcome is agreed (the session is never touched: no line gets that far)."""
+    import io
+
+    from infllm_lite.chat_cli import run_chat
+    from infllm_lite.parallel.chat import ChatPeers
+    import torch.distributed as dist
+    rank = dist.get_rank(group)
+    peers = ChatPeers(group, wait_s=30)
+    found = {"eof": run_chat(None, stdin=io.StringIO("" if rank == 0 else "not read\n"), out=io.StringIO(),
+                             peers=peers)}
+
+    class Gone(io.StringIO):
+        def readline(self):
+            raise OSError("stdin is gone")
+
+    start = time.perf_counter()
+    try:
+        run_chat(None, stdin=Gone() if rank == 0 else io.StringIO(), out=io.StringIO(), peers=peers)
+        found["read_error"] = None
+    except (OSError, InfLLMLiteError) as e:
+        found["read_error"] = f"{type(e).__name__}: {e}"
+    found["read_error_seconds"] = time.perf_counter() - start
+    # a command that failed on rank 1 only: every rank shows rank 1's message
+    found["command_failed"] = peers.settle(InfLLMLiteError("no such file") if rank == 1 else None)
+    found["all_failed"] = peers.settle(InfLLMLiteError("too long"), length=7)  # alike: the chat goes on
+    for key, error, length in (("answer_failed", InfLLMLiteError("disk full") if rank == 1 else None, 7),
+                               ("lengths_differ", None, 7 + rank)):
+        try:
+            found[key] = ("went on", peers.settle(error, length=length))
+        except InfLLMLiteError as e:
+            found[key] = ("ended", str(e))
+    return found
+
+
 # ---------------------------------------------------------------------------- the ranks
 def worker(out_dir: Path, folders: list[Path]) -> None:
     from infllm_lite.parallel import build_tp_model, init_distributed, load_tp_model, rank_path
@@ -126,6 +163,7 @@ def worker(out_dir: Path, folders: list[Path]) -> None:
         with torch.inference_mode():
             out["restored_logits"] = model(torch.tensor([[tokens[-1]]]), again)
         results.update({f"{folder.name}.{k}": v for k, v in out.items()})
+    results["chat"] = chat_checks(group)
     try:  # the embedded model: 9 heads, 3 KV heads, not divisible by 2
         load_tp_model(None, group=group, progress=False)
         results["embedded_error"] = None
@@ -277,6 +315,53 @@ def test_a_dead_rank_stops_the_others_with_an_error(spawned):
     assert found["seconds"] < 60
 
 
+def test_chat_ranks_end_together_and_agree_on_each_step(spawned):
+    """The end of rank 0's input ends every rank (exit 0); an error while rank 0 reads
+    ends the others at once with an error; a step failed on some rank is shown by every
+    rank, and an answer that failed on some ranks only ends the chat on all."""
+    ranks = [rank["chat"] for rank in spawned["ranks"]]
+    assert [r["eof"] for r in ranks] == [0, 0]
+    assert ranks[0]["read_error"] == "OSError: stdin is gone"
+    assert ranks[1]["read_error"] == "InfLLMLiteError: rank 0 ended the chat (OSError: stdin is gone)"
+    assert ranks[1]["read_error_seconds"] < 10
+    for r in ranks:
+        assert r["command_failed"] == "rank 1: no such file"
+        assert r["all_failed"] == "too long"
+        assert r["answer_failed"][0] == "ended" and r["answer_failed"][1].startswith("rank 1: disk full; ")
+        assert r["lengths_differ"][0] == "ended" and "[7, 8]" in r["lengths_differ"][1]
+
+
+class OtherRankFailsLoad:
+    """The peers of a chat in which another rank fails every /load (its file missing)."""
+
+    interruptible = True
+
+    def share_line(self, read):
+        self.line = read()
+        return self.line
+
+    def settle(self, error, *, length=None):
+        if error is None and (self.line or "").startswith("/load"):
+            return "rank 1: snapshot chat.rank1-of-2.snap does not exist"
+        return None if error is None else str(error)
+
+
+def test_chat_load_failed_on_another_rank_is_undone(tiny, tmp_path):
+    import io
+
+    from infllm_lite.chat import ChatSession
+    from infllm_lite.chat_cli import run_chat
+    model, tokenizer = tiny
+    session = ChatSession(model, tokenizer, attention="infllm", memory=EMBEDDED_MEMORY, max_new_tokens=4,
+                          kernel="window-eager")
+    script = f"Hello\n/save {tmp_path / 'chat.snap'}\n/reset\n/load {tmp_path / 'chat.snap'}\n/stats\n"
+    out = io.StringIO()
+    assert run_chat(session, stdin=io.StringIO(script), out=out, peers=OtherRankFailsLoad()) == 0
+    text = out.getvalue()
+    assert "error: rank 1: snapshot chat.rank1-of-2.snap does not exist" in text
+    assert "loaded" not in text and "tokens: 0  messages: 0" in text  # still the reset conversation
+
+
 class FakeShard:
     """A data-parallel rank run in this process: the ranks run one after another, so the
     barriers have nothing to wait for."""
@@ -359,16 +444,17 @@ if __name__ == "__main__" and sys.argv[1:2] == ["--embedded-worker"]:
 
 
 # ---------------------------------------------------------------------------- under torchrun
-def torchrun(args: list[str], timeout: float = 120, nproc: int = WORLD,
-             script: list[str] | None = None) -> subprocess.CompletedProcess:
+def torchrun(args: list[str], timeout: float = 120, nproc: int = WORLD, script: list[str] | None = None,
+             cwd: Path | None = None, stdin: str | None = None) -> subprocess.CompletedProcess:
     """``torchrun --nproc-per-node 2 -m infllm_lite ARGS`` (or ``SCRIPT...``) on a free
-    localhost port."""
+    localhost port, in ``cwd``, its ranks sharing ``stdin`` (default: none)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
            "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
            *(script if script is not None else ["-m", "infllm_lite", *args])]
     env = dict(os.environ, OMP_NUM_THREADS="1", INFLLM_LITE_DIST_TIMEOUT="60", INFLLM_LITE_EVAL_WAIT="60")
     try:
-        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd,
+                              input=stdin if stdin is not None else "")
     except subprocess.TimeoutExpired as e:  # run() has killed torchrun; its ranks die with it
         pytest.fail(f"torchrun did not finish within {timeout} s:\n{(e.stderr or b'')[-3000:]}")
 
@@ -416,3 +502,31 @@ def test_torchrun_eval_data_parallel_equals_one_process(tiny_folder, tmp_path, c
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
     summaries = [strip(json.loads((tmp_path / d / "summary.json").read_text())) for d in ("one", "two")]
     assert summaries[0] == summaries[1]
+
+
+def test_torchrun_chat_tensor_parallel_answers_as_one_process(tiny_folder, tmp_path, monkeypatch, capsys):
+    """Two turns over a document (blocks selected), around /save, /reset and /load, with
+    seeded sampling: rank 0 prints what one process prints, each rank saved its own
+    snapshot, and the closed stdin ended both ranks."""
+    import io
+    import re
+
+    from infllm_lite.cli import main
+    doc = tmp_path / "doc.txt"
+    doc.write_text(" ".join(f"Room {i} holds {i * 7 % 13} chairs." for i in range(40)))  # ~400 tokens
+    args = ["chat", "--model", str(tiny_folder), "--file", str(doc), "--max-new-tokens", "10",
+            "--temperature", "0.8", "--top-k", "40", "--seed", "3", *CLI_MEMORY]
+    script = "How many chairs are in room 5?\n/save chat.snap\n/reset\n/load chat.snap\nAnd in room 9?\n"
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    monkeypatch.chdir(tmp_path / "one")
+    monkeypatch.setattr(sys, "stdin", io.StringIO(script))
+    assert main(args) == 0
+    alone = capsys.readouterr().out
+    monkeypatch.chdir(tmp_path)
+    done = torchrun(args + ["--tensor-parallel"], cwd=tmp_path / "two", stdin=script)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert alone.count("assistant> ") == 2 and "loaded " in alone
+    saved = re.search(r"saved \d+ tokens and 3 messages to chat.snap\n", alone).group(0)
+    assert done.stdout == alone.replace(saved, saved.replace("chat.snap", "chat.rank*-of-2.snap (one file per rank)"))
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["chat.rank0-of-2.snap", "chat.rank1-of-2.snap"]

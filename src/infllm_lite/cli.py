@@ -240,6 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_options(ch, 512, "a safety cap, answers end at their end-of-turn token")
     _add_memory_options(ch)
     _add_model_options(ch)
+    ch.add_argument("--tensor-parallel", action="store_true",
+                    help="under torchrun --nproc-per-node N: split the model's heads and MLP over the N "
+                         "processes; rank 0 reads your lines and prints, /save and /load use a file per "
+                         "rank, Ctrl-C ends the chat")
 
     e = _with_paragraphs(
         sub, "eval", "evaluate on InfiniteBench / LongBench tasks, generated or official",
@@ -504,6 +508,7 @@ def cmd_eval(args) -> None:
 def cmd_chat(args) -> None:
     from .chat import ChatSession
     from .chat_cli import run_chat
+    from .parallel.model import rank_path
     if args.load is not None:  # the snapshot holds the attention mode, memory and conversation
         for dest in ("attention", "system", *MEMORY_OPTIONS):
             if getattr(args, dest) is not None:
@@ -516,10 +521,22 @@ def cmd_chat(args) -> None:
     if args.file is not None:
         document = read_text_file(args.file, "document")
     model, tokenizer = load_from_args(args)
+    peers = None
+    if args.tensor_parallel:  # under torchrun: rank 0 reads, every rank runs each step
+        from .parallel.chat import ChatPeers
+        peers = ChatPeers(model.tp.group)
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                    top_k=args.top_k, seed=args.seed, kernel=args.attention_kernel)
     if args.load is not None:
-        session = ChatSession.load(args.load, model, tokenizer, **options)
+        error = None
+        try:  # a rank's own file; with peers, every rank goes on or none does
+            session = ChatSession.load(rank_path(args.load, model), model, tokenizer, **options)
+        except InfLLMLiteError as e:
+            if peers is None:
+                raise
+            error = e
+        if peers is not None and (message := peers.settle(error)) is not None:
+            raise InfLLMLiteError(message)
         print(f"loaded {session.state.length} tokens and {len(session.messages)} messages from {args.load}")
     else:
         session = ChatSession(model, tokenizer, attention=args.attention, system=args.system,
@@ -527,7 +544,7 @@ def cmd_chat(args) -> None:
     if args.file is not None:
         n = session.read(document, progress=True)
         print(f"read {args.file} ({n} tokens)")
-    run_chat(session)
+    run_chat(session, peers=peers)
 
 
 def cmd_serve(args) -> None:

@@ -4,7 +4,10 @@
   timeouts;
 * :mod:`.plan`: which tensor splits on which axis, the per-rank :class:`ShardedArgs`;
 * :mod:`.sharded_load`: a rank's shard of a checkpoint, read slice by slice;
-* :mod:`.model`: the tensor-parallel model (explicit split + ``all_reduce``), ``load_tp_model``.
+* :mod:`.model`: the tensor-parallel model (explicit split + ``all_reduce``), ``load_tp_model``;
+* :mod:`.launch`: the commands under ``torchrun`` (rank 0 prints, one sampling seed);
+* :mod:`.chat`: ``chat --tensor-parallel`` (rank 0 reads, every rank runs each step);
+* :mod:`.data`: data-parallel ``eval`` (the samples split by rank).
 """
 
 from .group import all_reduce_sum, backend_for, init_distributed, launched_distributed, rank_device

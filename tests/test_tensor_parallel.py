@@ -516,7 +516,7 @@ def test_torchrun_chat_tensor_parallel_answers_as_one_process(tiny_folder, tmp_p
     doc.write_text(" ".join(f"Room {i} holds {i * 7 % 13} chairs." for i in range(40)))  # ~400 tokens
     args = ["chat", "--model", str(tiny_folder), "--file", str(doc), "--max-new-tokens", "10",
             "--temperature", "0.8", "--top-k", "40", "--seed", "3", *CLI_MEMORY]
-    script = "How many chairs are in room 5?\n/save chat.snap\n/reset\n/load chat.snap\nAnd in room 9?\n"
+    script = "How many chairs are in room 5?\n/save chat.snap\n/reset\n/load chat.snap\nAnd in room 9?\n/stats\n"
     (tmp_path / "one").mkdir()
     (tmp_path / "two").mkdir()
     monkeypatch.chdir(tmp_path / "one")
@@ -528,5 +528,9 @@ def test_torchrun_chat_tensor_parallel_answers_as_one_process(tiny_folder, tmp_p
     assert done.returncode == 0, done.stderr[-3000:]
     assert alone.count("assistant> ") == 2 and "loaded " in alone
     saved = re.search(r"saved \d+ tokens and 3 messages to chat.snap\n", alone).group(0)
-    assert done.stdout == alone.replace(saved, saved.replace("chat.snap", "chat.rank*-of-2.snap (one file per rank)"))
+    want = alone.replace(saved, saved.replace("chat.snap", "chat.rank*-of-2.snap (one file per rank)"))
+    # /stats: the same tokens and blocks; the bytes are rank 0's share
+    stats = re.compile(r"(blocks: [1-9]\d*  .*)bytes: [0-9.]+ MiB(  ranks: 2 \(bytes: rank 0's\))?")
+    assert stats.search(alone) and stats.search(done.stdout).group(2)
+    assert stats.sub(r"\1", done.stdout) == stats.sub(r"\1", want)
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["chat.rank0-of-2.snap", "chat.rank1-of-2.snap"]

@@ -129,7 +129,11 @@ def _command(session: ChatSession, line: str) -> tuple[ChatSession | None, str |
         return session, "conversation cleared"
     if name == "/stats":
         stats = session.stats()
-        return session, "  ".join(f"{k}: {_human(k, v)}" for k, v in stats.items())
+        text = "  ".join(f"{k}: {_human(k, v)}" for k, v in stats.items())
+        tp = getattr(session.model, "tp", None)
+        if tp is not None:  # a rank holds its heads only
+            text += f"  ranks: {tp.world_size} (bytes: rank {tp.rank}'s)"
+        return session, text
     if name in ("/save", "/load"):
         if not arg:
             raise InfLLMLiteError(f"{name} needs a file name")

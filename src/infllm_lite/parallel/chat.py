@@ -27,6 +27,7 @@ from ..errors import InfLLMLiteError
 from .group import all_gather_object, broadcast_object, env_seconds
 
 DEFAULT_WAIT_S = 24 * 3600.0
+WAIT = "INFLLM_LITE_CHAT_WAIT"
 
 
 class ChatPeers:
@@ -36,7 +37,7 @@ class ChatPeers:
     interruptible = False  # Ctrl-C ends the launch (torchrun's own handler); no [stopped]
 
     def __init__(self, group, wait_s: float | None = None):
-        wait_s = env_seconds("INFLLM_LITE_CHAT_WAIT", DEFAULT_WAIT_S) if wait_s is None else wait_s
+        wait_s = env_seconds(WAIT, DEFAULT_WAIT_S) if wait_s is None else wait_s
         self.rank, self.world_size = dist.get_rank(group), dist.get_world_size(group)
         self.lines = dist.new_group(backend="gloo", timeout=timedelta(seconds=wait_s))
         self.outcomes = dist.new_group(backend="gloo")  # the collective timeout
@@ -46,16 +47,17 @@ class ChatPeers:
         rank. An exception in ``read`` is passed on to the other ranks, which raise
         :class:`InfLLMLiteError`, and re-raised on rank 0."""
         if self.rank != 0:
-            line = broadcast_object(None, self.lines)
+            line = broadcast_object(None, self.lines, variable=WAIT)
             if isinstance(line, tuple):  # ("abort", why): rank 0 failed
                 raise InfLLMLiteError(f"rank 0 ended the chat ({line[1]})")
             return line
         try:
             line = read()
         except BaseException as e:
-            broadcast_object(("abort", f"{type(e).__name__}: {e}" if str(e) else type(e).__name__), self.lines)
+            why = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+            broadcast_object(("abort", why), self.lines, variable=WAIT)
             raise
-        return broadcast_object(line, self.lines)
+        return broadcast_object(line, self.lines, variable=WAIT)
 
     def settle(self, error: Exception | None, *, length: int | None = None) -> str | None:
         """Every rank's outcome of the step just run: None when it succeeded everywhere,
@@ -72,7 +74,7 @@ class ChatPeers:
             r, message = failed[0]
             message = message if r == 0 else f"rank {r}: {message}"
         else:
-            message = "the answer left the ranks' memories at different lengths " + str([n for _, n in seen])
+            message = f"the answer left the ranks' memories at different lengths {[n for _, n in seen]}"
         if differ or (length is not None and len(failed) < len(seen)):
             raise InfLLMLiteError(f"{message}; the ranks' memories now differ, so the chat ends")
         return message

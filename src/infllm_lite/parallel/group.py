@@ -91,11 +91,13 @@ def init_distributed(device: str | torch.device | None = None,
     return dist.group.WORLD
 
 
-def describe_failure(group, error: Exception, what: str) -> InfLLMLiteError:
+def describe_failure(group, error: Exception, what: str,
+                     variable: str = "INFLLM_LITE_DIST_TIMEOUT") -> InfLLMLiteError:
+    """The error of a failed collective; ``variable``: the group's timeout setting."""
     rank = dist.get_rank(group)
     return InfLLMLiteError(
         f"rank {rank}: {what} failed: another rank died or did not answer within the collective "
-        f"timeout (INFLLM_LITE_DIST_TIMEOUT; {str(error).splitlines()[0] if str(error) else type(error).__name__})")
+        f"timeout ({variable}; {str(error).splitlines()[0] if str(error) else type(error).__name__})")
 
 
 def all_reduce_sum(x: torch.Tensor, group) -> torch.Tensor:
@@ -115,14 +117,15 @@ def barrier(group) -> None:
         raise describe_failure(group, e, "a barrier") from None
 
 
-def broadcast_object(obj, group, src: int = 0):
+def broadcast_object(obj, group, src: int = 0, variable: str = "INFLLM_LITE_DIST_TIMEOUT"):
     """Rank ``src``'s ``obj`` (any picklable value) on every rank of ``group``; the other
-    ranks pass anything. A dead or hung peer raises :class:`InfLLMLiteError`."""
+    ranks pass anything. A dead or hung peer raises :class:`InfLLMLiteError` (naming
+    ``variable``, the group's timeout setting)."""
     box = [obj]
     try:
         dist.broadcast_object_list(box, src=src, group=group)
     except (RuntimeError, dist.DistError) as e:
-        raise describe_failure(group, e, "a broadcast") from None
+        raise describe_failure(group, e, "a broadcast", variable) from None
     return box[0]
 
 

@@ -55,7 +55,10 @@ class ChatPeers:
             line = read()
         except BaseException as e:
             why = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
-            broadcast_object(("abort", why), self.lines, variable=WAIT)
+            try:
+                broadcast_object(("abort", why), self.lines, variable=WAIT)
+            except InfLLMLiteError:  # the others are gone already (Ctrl-C reached them too)
+                pass
             raise
         return broadcast_object(line, self.lines, variable=WAIT)
 

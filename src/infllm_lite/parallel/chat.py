@@ -39,15 +39,17 @@ class ChatPeers:
     def __init__(self, group, wait_s: float | None = None):
         wait_s = env_seconds(WAIT, DEFAULT_WAIT_S) if wait_s is None else wait_s
         self.rank, self.world_size = dist.get_rank(group), dist.get_world_size(group)
-        self.lines = dist.new_group(backend="gloo", timeout=timedelta(seconds=wait_s))
-        self.outcomes = dist.new_group(backend="gloo")  # the collective timeout
+        ranks = dist.get_process_group_ranks(group)  # global ranks; ``group``'s rank 0 reads
+        self.reader = ranks[0]
+        self.lines = dist.new_group(ranks, backend="gloo", timeout=timedelta(seconds=wait_s))
+        self.outcomes = dist.new_group(ranks, backend="gloo")  # the collective timeout
 
     def share_line(self, read):
         """Rank 0's next line (``read()``: the text, or None at the end of input) on every
         rank. An exception in ``read`` is passed on to the other ranks, which raise
         :class:`InfLLMLiteError`, and re-raised on rank 0."""
         if self.rank != 0:
-            line = broadcast_object(None, self.lines, variable=WAIT)
+            line = broadcast_object(None, self.lines, self.reader, WAIT)
             if isinstance(line, tuple):  # ("abort", why): rank 0 failed
                 raise InfLLMLiteError(f"rank 0 ended the chat ({line[1]})")
             return line
@@ -56,11 +58,11 @@ class ChatPeers:
         except BaseException as e:
             why = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
             try:
-                broadcast_object(("abort", why), self.lines, variable=WAIT)
+                broadcast_object(("abort", why), self.lines, self.reader, WAIT)
             except InfLLMLiteError:  # the others are gone already (Ctrl-C reached them too)
                 pass
             raise
-        return broadcast_object(line, self.lines, variable=WAIT)
+        return broadcast_object(line, self.lines, self.reader, WAIT)
 
     def settle(self, error: Exception | None, *, length: int | None = None) -> str | None:
         """Every rank's outcome of the step just run: None when it succeeded everywhere,

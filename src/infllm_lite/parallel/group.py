@@ -118,9 +118,9 @@ def barrier(group) -> None:
 
 
 def broadcast_object(obj, group, src: int = 0, variable: str = "INFLLM_LITE_DIST_TIMEOUT"):
-    """Rank ``src``'s ``obj`` (any picklable value) on every rank of ``group``; the other
-    ranks pass anything. A dead or hung peer raises :class:`InfLLMLiteError` (naming
-    ``variable``, the group's timeout setting)."""
+    """Rank ``src``'s ``obj`` (any picklable value) on every rank of ``group``; ``src`` is
+    a global rank, the other ranks pass anything. A dead or hung peer raises
+    :class:`InfLLMLiteError` (naming ``variable``, the group's timeout setting)."""
     box = [obj]
     try:
         dist.broadcast_object_list(box, src=src, group=group)

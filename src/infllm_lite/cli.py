@@ -246,10 +246,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "rank, Ctrl-C ends the chat")
 
     e = _with_paragraphs(
-        sub, "eval", "evaluate on InfiniteBench / LongBench tasks, generated or official",
+        sub, "eval", "evaluate on InfiniteBench / LongBench / RULER tasks, generated or official",
         "Answer every sample greedily in each attention mode and score it with the task's "
-        "official metric. passkey, number_string and kv_retrieval are generated here at "
-        "--lengths tokens (needle depths evenly spaced); the other tasks read the official "
+        "official metric. passkey, number_string and kv_retrieval and RULER's tasks (niah_*, "
+        "vt, cwe, fwe, qa_1, qa_2) are generated here at --lengths tokens (needle depths "
+        "evenly spaced; RULER's qa reads its documents from --data-dir); the other tasks read the official "
         "jsonl files from --data-dir (or the Hugging Face hub), and a length is then a "
         "truncation limit.",
         "Predictions are appended to OUT/predictions.jsonl as they come: run the same "
@@ -275,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"prefill tokens per model call (default {DEFAULT_CHUNK_SIZE})")
     e.add_argument("--official", action="store_true",
                    help="read passkey, number_string and kv_retrieval from the official files "
-                        "instead of generating them")
+                        "instead of generating them (RULER's tasks are always generated)")
     e.add_argument("--no-plots", action="store_true", help="write no PNG plots")
     e.add_argument("--report-only", action="store_true",
                    help="write the summary and plots from the predictions in --out, running nothing")

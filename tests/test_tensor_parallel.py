@@ -362,6 +362,25 @@ def test_chat_load_failed_on_another_rank_is_undone(tiny, tmp_path):
     assert "loaded" not in text and "tokens: 0  messages: 0" in text  # still the reset conversation
 
 
+def test_chat_help_under_tensor_parallel_says_ctrl_c_ends_the_chat(tiny):
+    import io
+
+    from infllm_lite.chat import ChatSession
+    from infllm_lite.chat_cli import Alone, run_chat
+    class Ranks(Alone):  # as ChatPeers: Ctrl-C is torchrun's, it ends every rank
+        interruptible = False
+
+    model, tokenizer = tiny
+    texts = {}
+    for peers in (Alone(), Ranks()):
+        session = ChatSession(model, tokenizer, attention="full", max_new_tokens=1)
+        out = io.StringIO()
+        assert run_chat(session, stdin=io.StringIO("/help\n"), out=out, peers=peers) == 0
+        texts[peers.interruptible] = out.getvalue()
+    assert "Ctrl-C stops an answer" in texts[True] and "Ctrl-C ends the chat" not in texts[True]
+    assert "Ctrl-C ends the chat" in texts[False] and "Ctrl-C stops an answer" not in texts[False]
+
+
 class FakeShard:
     """A data-parallel rank run in this process: the ranks run one after another, so the
     barriers have nothing to wait for."""

@@ -18,6 +18,8 @@ HELP = """commands:
   /stats        tokens in memory, memory blocks per tier (all layers), bytes held
   /help         this list
   /exit         leave (Ctrl-D too); Ctrl-C stops an answer and keeps the conversation"""
+# under torchrun (``chat --tensor-parallel``) Ctrl-C reaches every rank and ends the chat
+HELP_TENSOR_PARALLEL = HELP.replace("Ctrl-C stops an answer and keeps the conversation", "Ctrl-C ends the chat")
 
 
 class Alone:
@@ -65,7 +67,7 @@ def run_chat(session: ChatSession, *, stdin=None, out=None, peers=None) -> int:
             say(f"error: {message}")
             continue
         if reply:
-            say(reply)
+            say(HELP_TENSOR_PARALLEL if reply is HELP and not peers.interruptible else reply)
         if after is None:
             return 0
         if after is not session:  # /load: the conversation it replaces lets go of its memory

@@ -241,7 +241,8 @@ class InfLLMLayerAttention(LayerAttention):
         and the values (Hkv, S, d) and the tail's scores (H, ·) of the one sequence, and
         the first tail slot."""
         d = self.head_dim
-        store = None if self.row is None else tuple(self.row.views(self.index)[name][0] for name in ("sel_k", "sel_v"))
+        views = None if self.row is None else self.row.views(self.index)
+        store = None if views is None else (views["sel_k"][0], views["sel_v"][0])
         self._one_selected = SelectedBlocks(self.n_kv_heads, self.cfg.topk, self.cfg.block_size, d,
                                             self.k_raw.device, self.pool.slot_k[0], self.pool.slot_v[0], store)
         return (self.k_rot[0, :, :, :d], self.k_raw[0, :, :, :d], self.v[0, :, :, :d], self.tail_scores[0],

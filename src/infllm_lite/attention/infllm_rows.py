@@ -29,10 +29,9 @@ def attend_rows(layers: list, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor)
     """One query of each of B sequences, ``layers[b]`` (an ``InfLLMLayerAttention`` of
     batch 1, all rows of one bank, one config) that of row b. q: (B, H, 1, d), k/v:
     (B, Hkv, 1, d) un-rotated. Returns (B, H, 1, d)."""
-    if len(layers) == 1:
-        first = layers[0]
-        return first._one_query(q, k, v, first.state.length)
     first = layers[0]
+    if len(layers) == 1:
+        return first._one_query(q, k, v, first.state.length)
     cfg, state, bank, i = first.cfg, first.state, first.row.bank, first.index
     B, H, _, d = q.shape
     Hkv, dev = k.shape[1], q.device

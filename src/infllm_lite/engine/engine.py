@@ -311,10 +311,10 @@ class Engine:
         another dtype than the model's, another mode, or too large a row for a bank."""
         if self.device.type != "cpu":
             return None
-        if req.attention == "full" and getattr(memory, "kv_dtype", None) in (None, str(self.dtype)[6:]):
+        model_dtype = str(self.dtype).removeprefix("torch.")
+        if req.attention == "full" and getattr(memory, "kv_dtype", None) in (None, model_dtype):
             return FullAttentionState.in_arena(self.arena, self.model.args, capacity, self.dtype)
-        if req.attention == "infllm":
-            memory = memory if memory is not None else MemoryConfig.for_model(self.model.args)
+        if req.attention == "infllm":  # ``memory``: the request's, resolved at submit
             return InfLLMState.in_arena(self.arena, self.model.args, memory, dtype=self.dtype, kernel=self.kernel)
         return None
 

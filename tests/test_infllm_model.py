@@ -86,47 +86,29 @@ def _answer_ids(model, tok, sample, memory, stats):
                              stop_token_ids=stops, stats=stats))
 
 
-def _capped(model, memory, blocks_per_layer: int, offload_dir) -> MemoryConfig:
-    """``memory`` with its host tier capped at ``blocks_per_layer`` blocks a layer."""
+def test_infllm_finds_the_passkey_beyond_the_window_with_most_blocks_on_disk(smollm, passkey_16k, tmp_path):
+    """The same generation with the slow tier capped so that most blocks live on disk gives
+    exactly the same tokens (the disk tier round-trips bit for bit), and the pools' counters
+    say where the blocks were; the offload file is gone afterwards."""
+    model, tok = smollm
+    memory = MemoryConfig.for_model(model.args)
+    uncapped = GenerationStats()
+    answer = _answer_ids(model, tok, passkey_16k, memory, uncapped)
+    assert score_passkey(tok.decode(answer), passkey_16k.key), tok.decode(answer)
+    m = uncapped.memory
+    assert m.blocks_disk == 0 and m.blocks >= model.args.n_layers * n_formed_blocks(memory, passkey_16k.n_tokens)
+    assert m.misses > 0 and m.hits > 0 and m.evictions > 0  # 32 slots for 123 blocks a layer
+
     args = model.args
     block_bytes = 2 * args.n_kv_heads * memory.block_size * args.head_dim * 4  # K and V, float32
-    return replace(memory, max_host_bytes=blocks_per_layer * block_bytes * args.n_layers,
-                   offload_dir=str(offload_dir))
-
-
-def test_infllm_finds_the_passkey_beyond_the_window_with_most_blocks_on_disk(smollm, passkey_16k, tmp_path):
-    """16K tokens, twice the model's window, with the slow tier capped so that most blocks
-    live on disk: the key is found, the pools' counters say where the blocks were, and the
-    offload file is gone afterwards. (That the disk tier changes no token is held at 4K,
-    below: one 16K generation is a minute of the suite.)"""
-    model, tok = smollm
-    memory = MemoryConfig.for_model(model.args)
-    stats = GenerationStats()
-    answer = _answer_ids(model, tok, passkey_16k, _capped(model, memory, 16, tmp_path), stats)
-    assert score_passkey(tok.decode(answer), passkey_16k.key), tok.decode(answer)
-    c, args = stats.memory, model.args
-    block_bytes = 2 * args.n_kv_heads * memory.block_size * args.head_dim * 4
-    assert c.blocks >= args.n_layers * n_formed_blocks(memory, passkey_16k.n_tokens)
-    assert c.blocks_host == 16 * args.n_layers and c.blocks_disk > 0.8 * c.blocks
-    assert c.misses > 0 and c.hits > 0 and c.evictions > 0  # 32 slots for 123 blocks a layer
+    capped_memory = replace(memory, max_host_bytes=16 * block_bytes * args.n_layers, offload_dir=str(tmp_path))
+    capped = GenerationStats()
+    assert _answer_ids(model, tok, passkey_16k, capped_memory, capped) == answer
+    c = capped.memory
+    assert c.blocks == m.blocks and c.blocks_host == 16 * args.n_layers and c.blocks_disk > 0.8 * c.blocks
+    assert (c.hits, c.misses, c.evictions) == (m.hits, m.misses, m.evictions)  # tiers do not change the cache
     assert c.bytes_host_to_disk >= c.blocks_disk * block_bytes and c.bytes_disk_to_host > 0
     assert list(tmp_path.iterdir()) == []  # the pools closed their offload files
-
-
-def test_blocks_on_disk_change_no_token(smollm, tmp_path):
-    """The same 4K generation with its host tier capped at 4 blocks a layer (most blocks on
-    disk) gives exactly the same tokens and the same hits, misses and evictions: the disk
-    tier round-trips bit for bit and tiers do not change the cache."""
-    model, tok = smollm
-    sample = make_passkey_sample(tok, n_tokens=4096, depth=0.4, seed=2)
-    memory = MemoryConfig.for_model(model.args)
-    uncapped, capped = GenerationStats(), GenerationStats()
-    answer = _answer_ids(model, tok, sample, memory, uncapped)
-    assert _answer_ids(model, tok, sample, _capped(model, memory, 4, tmp_path), capped) == answer
-    m, c = uncapped.memory, capped.memory
-    assert m.blocks_disk == 0 and c.blocks == m.blocks and c.blocks_disk > 0.8 * c.blocks
-    assert m.misses > 0 and (c.hits, c.misses, c.evictions) == (m.hits, m.misses, m.evictions)
-    assert list(tmp_path.iterdir()) == []
 
 
 def test_streaming_loses_the_passkey_outside_its_window(smollm):

@@ -77,3 +77,94 @@ def test_a_snapshot_keeps_its_store_and_refuses_another(tiny, tmp_path):
     assert snap.state.layers[0].pool.dtype == torch.bfloat16
     with pytest.raises(InfLLMLiteError, match="kv_dtype='bfloat16' there, kv_dtype='float32' given"):
         load_snapshot(tmp_path / "m.snap", model, memory=MemoryConfig(**{**CFG.to_dict(), "kv_dtype": "float32"}))
+
+
+# ---------------------------------------------------------------- full attention's KV cache
+UNIT_ROUNDOFF = {"bfloat16": 2.0 ** -8, "float16": 2.0 ** -11}  # |x - round(x)| <= u·|x|
+
+
+@pytest.mark.parametrize("kind", ["bfloat16", "float16"])
+def test_full_attention_stores_its_cache_rounded_and_attends_within_the_derived_bound(tiny, kind):
+    """Each stored key and value is the float32 one rounded once. The bound on the output,
+    to first order in the unit roundoff u: rounding a value moves the output (a convex
+    combination of values) by at most u·max|v|; rounding key j moves its logit by at most
+    u·|q|·|k_j|/√d (RoPE keeps norms), which moves the probabilities by at most twice that
+    in L1 (Σ|Δp_j| <= 2·max|Δs|), and so the output by that times max|v|."""
+    model, _ = tiny
+    args = model.args
+    rope = RotaryEmbedding(args)
+    g = torch.Generator().manual_seed(0)
+    L, H, Hkv, d = 120, args.n_heads, args.n_kv_heads, args.head_dim
+    q, k, v = (torch.randn(1, n, L, d, generator=g) for n in (H, Hkv, Hkv))
+    states = {name: make_attention_state("full", args, capacity=L, memory=cfg)
+              for name, cfg in (("float32", None), (kind, MemoryConfig(kv_dtype=kind)))}
+    outs = {name: attend_in_calls(s, q, k, v, [37, 1, 60, 1, 21], rope) for name, s in states.items()}
+    full, half = (states[n].layers[0] for n in ("float32", kind))
+    assert half.k.dtype == half.v.dtype == getattr(torch, kind) and full.k.dtype == torch.float32
+    assert torch.equal(half.k, full.k.to(half.k.dtype)) and torch.equal(half.v, full.v.to(half.v.dtype))
+    u = UNIT_ROUNDOFF[kind]
+    logit = (q.norm(dim=-1).max() * k.norm(dim=-1).max() / d ** 0.5).item()
+    bound = u * v.abs().max().item() * (1 + 2 * logit)
+    diff = (outs[kind] - outs["float32"]).abs().max().item()
+    assert 0 < diff < bound, (diff, bound)
+
+
+def test_full_attention_with_a_half_size_cache_counts_it_and_does_not_depend_on_the_chunking(tiny):
+    model, tok = tiny
+    args = model.args
+    half = MemoryConfig(kv_dtype="bfloat16")
+    assert 2 * state_bytes("full", args, 1000, half) == state_bytes("full", args, 1000)
+    assert state_bytes("full", args, 1000, MemoryConfig(kv_dtype="float32")) == state_bytes("full", args, 1000)
+    prompt = "The lighthouse keeper counted the ships in the bay " * 4
+    texts = {size: generate(model, tok, prompt, max_new_tokens=6, attention="full", memory=half, chunk_size=size)
+             for size in (7, 1000)}
+    assert texts[7] == texts[1000]
+
+
+def test_full_attention_half_size_cache_compiled_decodes_as_eager(tiny):
+    """``compile=True``: the static cache is bfloat16 too (one compiled generation, a few seconds)."""
+    from infllm_lite.generate import generate_ids
+    model, tok = tiny
+    ids = tok.encode("In a hole in the ground there lived")
+    half = MemoryConfig(kv_dtype="bfloat16")
+    eager = list(generate_ids(model, ids, max_new_tokens=6, memory=half))
+    assert list(generate_ids(model, ids, max_new_tokens=6, memory=half, compile=True)) == eager
+
+
+def test_the_engine_decodes_full_attention_with_a_half_size_cache_as_alone(tiny):
+    """Caches of another dtype than the model's stay out of the engine's arena; several
+    decoding together give each one's batch-1 tokens."""
+    model, tok = tiny
+    half = MemoryConfig(kv_dtype="bfloat16")
+    prompts = ["Once upon a time", "The capital of France is a city that"]
+    alone = [generate(model, tok, p, max_new_tokens=5, attention="full", memory=half) for p in prompts]
+    assert generate(model, tok, prompts, max_new_tokens=5, attention="full", memory=half) == alone
+
+
+def test_a_full_attention_chat_snapshot_keeps_its_half_size_cache_exactly(tiny, tmp_path):
+    from infllm_lite import ChatSession
+    model, tok = tiny
+    half = MemoryConfig(kv_dtype="bfloat16")
+    chat = ChatSession(model, tok, attention="full", memory=half, max_new_tokens=4, capacity=256)
+    chat.send("Hello there")
+    assert chat.state.layers[0].k.dtype == torch.bfloat16
+    chat.save(tmp_path / "c.snap")
+    back = ChatSession.load(tmp_path / "c.snap", model, tok, max_new_tokens=4)
+    n = chat.state.length
+    assert back.state.length == n and back.tokens == chat.tokens
+    for a, b in zip(chat.state.layers, back.state.layers):
+        assert b.k.dtype == torch.bfloat16 and torch.equal(a.k[:, :, :n], b.k[:, :, :n])
+        assert torch.equal(a.v[:, :, :n], b.v[:, :, :n])
+    assert back.send("And then?") == chat.send("And then?")
+    with pytest.raises(InfLLMLiteError, match="kv_dtype='bfloat16' there, kv_dtype='float32' given"):
+        load_snapshot(tmp_path / "c.snap", model, memory=MemoryConfig(kv_dtype="float32"))
+
+
+def test_the_cli_takes_kv_dtype_for_full_attention(capsys, tiny, tiny_folder):
+    from infllm_lite.cli import main
+    model, tok = tiny
+    expected = generate(model, tok, "Hello", max_new_tokens=5, attention="full", memory=MemoryConfig(kv_dtype="float16"))
+    code = main(["generate", "--model", str(tiny_folder), "--prompt", "Hello", "--max-new-tokens", "5",
+                 "--attention", "full", "--kv-dtype", "float16"])
+    out, err = capsys.readouterr()
+    assert code == 0 and out == expected + "\n", err

@@ -43,7 +43,8 @@ class ChatSession:
 
     ``attention``: ``infllm`` (default: unbounded), ``streaming``, or ``full`` (holds at
     most ``capacity`` tokens, default the model's native window). ``memory`` configures the
-    first two (default: ``MemoryConfig.for_model``). Sampling as in :func:`generate`.
+    first two (default: ``MemoryConfig.for_model``); with ``full`` only its ``kv_dtype``
+    applies (the cache's dtype). Sampling as in :func:`generate`.
     """
 
     def __init__(self, model, tokenizer, *, attention: str = "infllm",
@@ -56,7 +57,7 @@ class ChatSession:
             raise InfLLMLiteError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         self.model, self.tokenizer = model, tokenizer
         self.attention, self.kernel, self.system = attention, kernel, system
-        self.memory = None if attention == "full" else (memory or MemoryConfig.for_model(model.args))
+        self.memory = memory if attention == "full" else (memory or MemoryConfig.for_model(model.args))
         self.capacity = capacity or model.args.max_position_embeddings
         self.max_new_tokens = max_new_tokens
         self.sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k, generator=None)

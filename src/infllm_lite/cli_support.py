@@ -20,7 +20,7 @@ OPTION_MODES = {
     "block_size": ("infllm",), "topk": ("infllm",), "max_cached_blocks": ("infllm",),
     "cache_policy": ("infllm",), "max_host_bytes": ("infllm",), "offload_dir": ("infllm",),
     "attention_kernel": ("infllm",), "compile": ("full",), "memory_preset": MEMORY_MODES,
-    "kv_dtype": MEMORY_MODES,
+    "kv_dtype": ("full", *MEMORY_MODES),
 }
 
 # Numeric options: (rule met, what the rule says).

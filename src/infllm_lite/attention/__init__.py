@@ -20,14 +20,15 @@ def make_attention_state(mode: str, args: ModelArgs, *, capacity: int,
                          kernel: "str | InfLLMKernel" = "auto") -> AttentionState:
     """A fresh attention memory of the given mode.
 
-    ``full`` preallocates ``capacity`` tokens; ``streaming``, ``lm-infinite`` and ``infllm`` are unbounded
+    ``full`` preallocates ``capacity`` tokens (stored in ``memory.kv_dtype`` if given); ``streaming``, ``lm-infinite`` and ``infllm`` are unbounded
     and follow ``memory`` (default: ``MemoryConfig.for_model(args)``); ``kernel`` chooses
     how ``infllm`` computes its attention (``auto``, ``window``, ``flex``, … see
     :mod:`.infllm`).
     """
     kernel = make_kernel(kernel, device)  # resolved once (and a bad name refused) in every mode
     if mode == "full":
-        return FullAttentionState(args, capacity, batch_size=batch_size, dtype=dtype, device=device)
+        return FullAttentionState(args, capacity, batch_size=batch_size, dtype=dtype, device=device,
+                                  memory=memory)
     if mode not in ATTENTION_MODES:
         raise InfLLMLiteError(
             f"unknown attention mode {mode!r}; available: {', '.join(ATTENTION_MODES)}")

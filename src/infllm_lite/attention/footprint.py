@@ -25,13 +25,13 @@ from .slots import SlotLayout
 def state_bytes(mode: str, args: ModelArgs, n_tokens: int, memory: MemoryConfig | None = None,
                 dtype: torch.dtype = torch.float32) -> int:
     """Bytes a batch-1 memory of ``mode`` holds at most once it has read ``n_tokens`` tokens
-    (``full``: its KV cache of ``n_tokens``; ``memory`` defaults to
+    (``full``: its KV cache of ``n_tokens``, in ``memory.kv_dtype`` if given; ``memory`` defaults to
     ``MemoryConfig.for_model(args)``)."""
     if mode not in ATTENTION_MODES:
         raise InfLLMLiteError(f"unknown attention mode {mode!r}; available: {', '.join(ATTENTION_MODES)}")
     L, H, Hkv, d, elem = args.n_layers, args.n_heads, args.n_kv_heads, args.head_dim, dtype.itemsize
-    if mode == "full":
-        return 2 * L * Hkv * n_tokens * d * elem
+    if mode == "full":  # its KV cache, in memory.kv_dtype if given
+        return 2 * L * Hkv * n_tokens * d * kv_itemsize(memory, elem)
     cfg = memory if memory is not None else MemoryConfig.for_model(args)
     kv_elem = kv_itemsize(cfg, elem)  # the kept keys and values (cfg.kv_dtype)
     if mode in ("streaming", "lm-infinite"):  # the same sinks and ring

@@ -7,6 +7,12 @@ Keys are cached after RoPE at their absolute positions. Two ways to read the cac
 * static (``static=True``): write with ``index_copy_`` at the position tensor and attend
   over the whole capacity under a mask, so every decode step has the same shapes and one
   ``torch.compile`` graph serves the whole generation.
+
+The cache is stored in ``kv_dtype`` (``MemoryConfig.kv_dtype``, default the model's dtype):
+a key or value is rounded once, when it is stored, and the call that stores it already
+reads the rounded value, so a token reads the same in its own call and later (the output
+does not depend on how a prompt is cut into calls); the attention arithmetic stays in the
+queries' dtype, the cache read back into it.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from ..config import ModelArgs
 from ..causal import causal_attention, one_query_attention, prefix_causal_attention
 from ..errors import InfLLMLiteError
 from ..rope import apply_rope
-from .base import AttentionState, LayerAttention, copy_into
+from .base import AttentionState, LayerAttention, copy_into, storage_dtype
 from .kv_arena import attend_by_bank, capacity_class
 
 
@@ -34,17 +40,28 @@ class FullLayerAttention(LayerAttention):
             views = self.row.views(index)
             self.k, self.v = views["k"], views["v"]  # (1, Hkv, C', d) views of the row, C' >= C
             return
-        self.k = torch.zeros(shape, dtype=state.dtype, device=state.device)  # (B, Hkv, C, d), rotated
-        self.v = torch.zeros(shape, dtype=state.dtype, device=state.device)  # (B, Hkv, C, d)
+        self.k = torch.zeros(shape, dtype=state.kv_dtype, device=state.device)  # (B, Hkv, C, d), rotated
+        self.v = torch.zeros(shape, dtype=state.kv_dtype, device=state.device)  # (B, Hkv, C, d)
+
+    def _stored(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` as the cache will hold it (rounded once to ``kv_dtype``), in its own dtype."""
+        store = self.k.dtype
+        return t if t.dtype == store else t.to(store).to(t.dtype)
+
+    def _read(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Cached keys or values ``t`` in the attention's ``dtype`` (exact: a widening)."""
+        return t if t.dtype == dtype else t.to(dtype)
 
     def attend(self, q, k, v, positions, cos, sin, rope):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self._decodes(q):
             return self._decode(q, k, v)
         if self.state.static:
-            self.k.index_copy_(2, positions, k)
-            self.v.index_copy_(2, positions, v)
-            return causal_attention(q, self.k, self.v, positions, self.state.slots, self.window)
+            self.k.index_copy_(2, positions, k.to(self.k.dtype))
+            self.v.index_copy_(2, positions, v.to(self.v.dtype))
+            return causal_attention(q, self._read(self.k, q.dtype), self._read(self.v, q.dtype),
+                                    positions, self.state.slots, self.window)
+        k, v = self._stored(k), self._stored(v)
         start = self.state.length
         end = start + q.shape[-2]
         self.k[:, :, start:end] = k
@@ -53,8 +70,10 @@ class FullLayerAttention(LayerAttention):
         if start == 0 and self.window is None:
             return causal_attention(q, k, v, positions, positions)
         if self.window is None and q.shape[-2] > 1 and q.device.type == "cpu":
-            return prefix_causal_attention(q, self.k[:, :, :start], self.v[:, :, :start], k, v)
-        return causal_attention(q, self.k[:, :, first:end], self.v[:, :, first:end],
+            return prefix_causal_attention(q, self._read(self.k[:, :, :start], q.dtype),
+                                           self._read(self.v[:, :, :start], q.dtype), k, v)
+        return causal_attention(q, self._read(self.k[:, :, first:end], q.dtype),
+                                self._read(self.v[:, :, first:end], q.dtype),
                                 positions, self.state.slots[first:end], self.window)
 
     def _decodes(self, q: torch.Tensor) -> bool:
@@ -68,7 +87,8 @@ class FullLayerAttention(LayerAttention):
         end = self.state.length + 1  # (the model's ``state.positions`` refused a full cache)
         self.k[:, :, end - 1:end] = k
         self.v[:, :, end - 1:end] = v
-        return one_query_attention(q, self.k[:, :, :end], self.v[:, :, :end])
+        return one_query_attention(q, self._read(self.k[:, :, :end], q.dtype),
+                                   self._read(self.v[:, :, :end], q.dtype))
 
     @classmethod
     def attend_many(cls, layers, q, k, v, positions, cos, sin, rope):
@@ -132,16 +152,19 @@ def attend_bank(layers: list[FullLayerAttention], q: torch.Tensor, k: torch.Tens
 
 class FullAttentionState(AttentionState):
     """KV caches of all layers, allocated once for ``capacity`` tokens, or held in a row of
-    a :class:`~.kv_arena.Arena` bank (``row``, given back at :meth:`close`)."""
+    a :class:`~.kv_arena.Arena` bank (``row``, given back at :meth:`close`). ``memory``: a
+    ``MemoryConfig`` whose ``kv_dtype`` the cache is stored in (its other fields do not
+    apply to full attention); None, or no ``kv_dtype``: ``dtype``, the model's."""
 
     def __init__(self, args: ModelArgs, capacity: int, *, batch_size: int = 1,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                 static: bool = False, row=None):
+                 static: bool = False, row=None, memory=None):
         if capacity < 1:
             raise InfLLMLiteError(f"KV cache capacity must be positive, got {capacity}")
         if row is not None and (batch_size != 1 or static or row.views(0)["k"].shape[2] < capacity):
             raise InfLLMLiteError("an arena row holds one eager cache of at most its capacity")
         self.batch_size, self.capacity, self.dtype = batch_size, capacity, dtype
+        self.kv_dtype = storage_dtype(memory, dtype) if row is None else row.views(0)["k"].dtype
         self.device = torch.device(device)
         self.static = static
         self.length = 0

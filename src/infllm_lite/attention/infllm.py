@@ -50,7 +50,9 @@ Kernels (``InfLLMState(kernel=...)``, resolved once into an object by
 uncompiled; ``"window"`` compiled dense attention over each query tile's key window
 (:mod:`.window_joint`: about twice as fast as compiled flex on the CPU, where flex visits
 its tiles in a loop), ``"window-eager"`` uncompiled; ``"torch"`` every logit of the slot
-array materialised (:mod:`.dense_joint`, for debugging). The slot layout is
+array materialised (:mod:`.dense_joint`, for debugging). With the window kernel, a chunk
+that ends within ``n_local`` (only local keys, no block yet: a short prompt) is plain
+causal attention plus the score sums (:mod:`.local_chunk`). The slot layout is
 :class:`.slots.SlotLayout`; a layer's ``tail_start`` follows from its block count.
 """
 
@@ -70,6 +72,7 @@ from .decode_step import SelectedBlocks, one_query_attention
 from .infllm_rows import attend_rows
 from .kernels import ChunkGeometry, InfLLMKernel, make_kernel
 from .kv_arena import attend_by_bank
+from .local_chunk import local_causal_chunk
 from .slots import SlotLayout
 
 
@@ -178,6 +181,8 @@ class InfLLMLayerAttention(LayerAttention):
     def _chunk(self, q, k, v, s: int, e: int) -> torch.Tensor:
         """q: (B, H, T, d), k/v: (B, Hkv, T, d) for positions [s, e). Returns (B, H, T, d)."""
         state, T = self.state, e - s
+        if e <= self.cfg.n_local and state.kernel.local_path:
+            return self._local_chunk(q, k, v, s, e)
         geo = state.geometry(s, e, self.tail_start)
         q32 = F.pad(q.float(), (0, 0, 0, geo.padded - T))  # (B, H, Tp, d)
         q_loc = apply_rope(q32, geo.cos, geo.sin)  # true positions
@@ -198,6 +203,20 @@ class InfLLMLayerAttention(LayerAttention):
             self.trace.append((s, e, self._padded(selected)))
         self._form_blocks(e)
         return out[:, :, :T].to(q.dtype)
+
+    def _local_chunk(self, q, k, v, s: int, e: int) -> torch.Tensor:
+        """A chunk ending at or before ``n_local`` (:mod:`.local_chunk`): every token it sees
+        is local and no block exists yet, so slots ``[0, e)`` hold positions ``[0, e)``."""
+        d = self.head_dim
+        cos, sin = self.state.chunk_rotation(s, e)  # (T, d)
+        k_rot = apply_rope(k.float(), cos, sin)
+        self._store(k.float(), k_rot, v.float(), s, e)
+        out, sums = local_causal_chunk(apply_rope(q.float(), cos, sin), self.k_rot[:, :, :e, :d],
+                                       self.v[:, :, :e, :d], s)
+        self._add_scores(sums, e)
+        if self.state.record:
+            self.trace.append((s, e, self._padded(None)))
+        return out.to(q.dtype)
 
     # ------------------------------------------------------------------ one query
     def _one_query(self, q, k, v, s: int) -> torch.Tensor:
@@ -403,6 +422,7 @@ class InfLLMState(AttentionState):
         # per chunk and layer) so every rank selects the same blocks. None: one process.
         self.score_reduce = getattr(args, "score_reduce", None)
         self._rotation_key, self._rotation = None, None
+        self._chunk_rotation_key, self._chunk_rotation = None, None
         self._rows_rotation_key, self._rows_rotation = None, None
         if row is not None and batch_size != 1:
             raise InfLLMLiteError("an arena row holds the memory of one sequence")
@@ -449,6 +469,13 @@ class InfLLMState(AttentionState):
             self._geometry = self.kernel.geometry(self.layout, s, e, tail_start, self.rope, self.device)
             self._geometry_key = key
         return self._geometry
+
+    def chunk_rotation(self, s: int, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) (e - s, d) of the positions [s, e): built once per chunk for all layers."""
+        if self._chunk_rotation_key != (s, e):
+            self._chunk_rotation = self.rope(torch.arange(s, e, device=self.device), torch.float32)
+            self._chunk_rotation_key = (s, e)
+        return self._chunk_rotation
 
     def one_query_rotation(self, s: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, sin) (2, 1, 1, d) of a one-query chunk at position ``s``: its own angle (as

@@ -76,6 +76,7 @@ class InfLLMKernel:
 
     name: str  # the option value that names it (recorded with eval predictions)
     compiled: bool
+    local_path = False  # chunks with only local keys go to :mod:`.local_chunk` instead
 
     def geometry(self, layout: SlotLayout, s: int, e: int, tail_start: int, rope,
                  device: torch.device) -> ChunkGeometry:
@@ -146,7 +147,10 @@ class DenseKernel(FlexKernel):
 
 
 class WindowKernel(InfLLMKernel):
-    """Dense attention over each query tile's key window (:mod:`.window_joint`)."""
+    """Dense attention over each query tile's key window (:mod:`.window_joint`); a chunk
+    whose keys are all local skips it (:mod:`.local_chunk`: measured faster on the CPU)."""
+
+    local_path = True
 
     def __init__(self, compiled: bool = True):
         self.compiled = compiled

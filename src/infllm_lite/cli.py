@@ -325,6 +325,10 @@ def _add_serve_parser(sub) -> None:
     _add_engine_options(s.add_argument_group("engine"))
     _add_memory_options(s)
     _add_model_options(s)
+    s.add_argument("--tensor-parallel", action="store_true",
+                   help="under torchrun --nproc-per-node N: split the model's heads and MLP over the N "
+                        "processes; rank 0 serves HTTP and every rank steps the same engine (the memory "
+                        "budget is per rank, snapshots a file per rank)")
 
 
 def _check_memory_args(args, modes: list[str]) -> None:

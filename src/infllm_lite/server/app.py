@@ -60,17 +60,27 @@ class CountRequests:
             self.metrics.requests.labels(endpoint=endpoint, status=str(seen.get("status", 499))).inc()
 
 
-def create_app(model, tokenizer, settings: ServerSettings) -> FastAPI:
-    metrics = ServerMetrics()
+def build_engine(model, tokenizer, settings: ServerSettings, *, store_class=ConversationStore, metrics=None):
+    """The server's engine and conversation store (every rank of a tensor-parallel server
+    builds the same pair)."""
     engine = Engine(model, tokenizer, memory_budget=settings.memory_budget, max_sequences=settings.max_sequences,
                     step_tokens=settings.step_tokens or DEFAULT_STEP_TOKENS,
                     attention_kernel=settings.attention_kernel)
-    capacity = model.args.max_position_embeddings  # a full-attention conversation's cache
-    store = ConversationStore(model, tokenizer, engine, snapshot_dir=settings.snapshot_dir, capacity=capacity,
-                              kernel=settings.attention_kernel, max_conversations=settings.max_conversations,
-                              metrics=metrics)
+    store = store_class(model, tokenizer, engine, snapshot_dir=settings.snapshot_dir,
+                        capacity=model.args.max_position_embeddings, kernel=settings.attention_kernel,
+                        max_conversations=settings.max_conversations, metrics=metrics)
     engine.make_room = store.make_room
-    runner = EngineRunner(engine, max_queue=settings.max_queue, metrics=metrics)
+    return engine, store
+
+
+def create_app(model, tokenizer, settings: ServerSettings, *, store_class=ConversationStore,
+               runner_class=EngineRunner) -> FastAPI:
+    """``store_class`` and ``runner_class``: the tensor-parallel server's rank 0 passes its
+    own (:mod:`infllm_lite.parallel.serve`)."""
+    metrics = ServerMetrics()
+    engine, store = build_engine(model, tokenizer, settings, store_class=store_class, metrics=metrics)
+    capacity = model.args.max_position_embeddings  # a full-attention conversation's cache
+    runner = runner_class(engine, max_queue=settings.max_queue, metrics=metrics)
     keys = ApiKeys(settings.api_keys)
     started = int(time.time())
 
@@ -235,7 +245,8 @@ def create_app(model, tokenizer, settings: ServerSettings) -> FastAPI:
                       capacity=capacity if conv.attention == "full" else None, keep_state=True)
         job = Job(requests_for([turn.new_ids], body, "chat", **fields), prompt_tokens=len(turn.new_ids),
                   model=settings.model_name, chat=True, stream=body.stream, include_usage=include_usage,
-                  extra={"conversation_id": conv.id}, on_finish=lambda seq: store.end_turn(turn, seq))
+                  extra={"conversation_id": conv.id}, on_finish=lambda seq: store.end_turn(turn, seq),
+                  turn=turn)
         try:
             check_length(turn.new_ids, "messages")
             return await run(job, http)

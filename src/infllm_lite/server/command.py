@@ -86,12 +86,23 @@ def run_serve(args) -> None:
     model, tokenizer = load_from_args(args)
     from ..memory_config import MemoryConfig
     MemoryConfig.for_model(model.args, **settings.memory)  # a bad combination, refused before serving
-    app = create_app(model, tokenizer, settings)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    config = dict(host=args.host, port=args.port, log_level=args.log_level,
+                  timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
+    if getattr(args, "tensor_parallel", False):  # under torchrun: rank 0 serves, the others follow
+        from ..parallel.serve import serve_tensor_parallel
+        serve_tensor_parallel(model, tokenizer, settings, config, announce=lambda: announce(settings, args))
+        return
+    app = create_app(model, tokenizer, settings)
+    announce(settings, args)
+    uvicorn.run(app, **config)
+
+
+def announce(settings: ServerSettings, args) -> None:
     budget = "unlimited" if settings.memory_budget is None else f"{settings.memory_budget / 2**30:.2f} GiB"
+    if getattr(args, "tensor_parallel", False):
+        budget += " per rank"
     print(f"serving {settings.model_name} on http://{args.host}:{args.port} (attention {settings.attention} "
           f"by default, memory budget {budget}, conversations "
           f"{'saved in ' + str(settings.snapshot_dir) if settings.snapshot_dir else 'in memory only'}"
           f"{', API keys required' if settings.api_keys else ''})", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
-                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)

@@ -38,6 +38,7 @@ class Job:
     include_usage: bool = False
     extra: dict = field(default_factory=dict)  # fields added to every response object
     on_finish: object = None  # called in the engine thread with each ended sequence
+    turn: object = None  # the conversation turn it continues (conversations.Turn), if any
     submitted: bool = False  # the engine has its sequences (they end by themselves from then on)
 
 
@@ -63,7 +64,7 @@ async def _next(queue: asyncio.Queue, http: HTTPRequest):
 
 async def run_job(job: Job, runner: EngineRunner, http: HTTPRequest) -> Response:
     queue: asyncio.Queue = asyncio.Queue()
-    ids = runner.submit(job.requests, queue, on_finish=job.on_finish)
+    ids = runner.submit(job.requests, queue, on_finish=job.on_finish, turn=job.turn)
     job.submitted = True
     n = len(ids)
     response_id = new_id("chatcmpl" if job.chat else "cmpl")

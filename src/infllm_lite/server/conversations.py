@@ -27,11 +27,16 @@ from pathlib import Path
 
 from ..errors import InfLLMLiteError
 from ..memory_config import MemoryConfig
+from ..parallel.model import rank_path
 from ..snapshot import load_snapshot, read_header, save_snapshot
 from .schemas import APIError
 
 log = logging.getLogger("infllm_lite.server")
 ID_PATTERN = re.compile(r"conv_[0-9a-f]{32}")
+
+
+class WorldSizeError(InfLLMLiteError):
+    """The snapshot folder was written by a server of another world size."""
 
 
 @dataclass
@@ -120,11 +125,17 @@ class ConversationStore:
             if conv.busy:
                 raise APIError(409, "the conversation is answering a request; delete it when that ends",
                                code="conversation_busy")
+            del self._convs[conv.id]
+            self.drop(conv)
+
+    def drop(self, conv: Conversation) -> None:
+        """Free a deleted conversation's memory and remove its files (a tensor-parallel
+        server does this between engine steps, on every rank: :mod:`infllm_lite.parallel.serve`)."""
+        with self._lock:
             if conv.state is not None:
                 self.engine.release(conv.state)
                 conv.state.close()
                 conv.state = None
-            del self._convs[conv.id]
             if self.snapshot_dir is not None:
                 for suffix in (".snap", ".json"):
                     self._path(conv, suffix).unlink(missing_ok=True)
@@ -200,14 +211,22 @@ class ConversationStore:
         if self.snapshot_dir is None:
             return
         with self._lock:
+            for conv in self.choose_evictions(needed):
+                self._evict(conv)
+
+    def choose_evictions(self, needed: int) -> list[Conversation]:
+        """The idle conversations in memory to evict for ``needed`` bytes, least recently
+        used first."""
+        with self._lock:
             idle = sorted((c for c in self._convs.values() if c.state is not None and not c.busy),
                           key=lambda c: c.last_used)
-            freed = 0
+            chosen, freed = [], 0
             for conv in idle:
                 if freed >= needed:
                     break
                 freed += self.engine.held_size(conv.state, conv.attention, conv.memory)
-                self._evict(conv)
+                chosen.append(conv)
+            return chosen
 
     def _evict(self, conv: Conversation) -> None:
         self._save(conv)
@@ -227,13 +246,14 @@ class ConversationStore:
                       memory=conv.memory, tokens=conv.tokens, extra=extra)
         conv.saved = True
 
-    def close(self) -> None:
-        """At shutdown: save what is only in memory (with a snapshot folder), free every memory."""
+    def close(self, save: bool = True) -> None:
+        """At shutdown: save what is only in memory (with a snapshot folder, unless not
+        ``save``), free every memory."""
         with self._lock:
             for conv in self._convs.values():
                 if conv.state is None:
                     continue
-                if self.snapshot_dir is not None and not conv.busy:
+                if save and self.snapshot_dir is not None and not conv.busy:
                     try:
                         self._save(conv)
                     except Exception:
@@ -248,7 +268,24 @@ class ConversationStore:
 
     # ------------------------------------------------------------------ files
     def _path(self, conv: Conversation, suffix: str) -> Path:
-        return self.snapshot_dir / f"{conv.id}{suffix}"
+        """``ID.json``, and ``ID.snap``: a tensor-parallel rank's own ``ID.rankR-of-N.snap``
+        (its memory holds the rank's heads only)."""
+        path = self.snapshot_dir / f"{conv.id}{suffix}"
+        return rank_path(path, self.model) if suffix == ".snap" else path
+
+    def _check_world(self, conv: Conversation) -> None:
+        """Refuse a folder whose snapshot of ``conv`` another world size saved (one process
+        against tensor-parallel ranks, or another number of ranks)."""
+        if self._path(conv, ".snap").exists():
+            return
+        for other in sorted(self.snapshot_dir.glob(f"{conv.id}*.snap")):
+            tp = getattr(self.model, "tp", None)
+            here = "one process" if tp is None else f"{tp.world_size} tensor-parallel ranks"
+            found = re.fullmatch(rf"{conv.id}\.rank\d+-of-(\d+)\.snap", other.name)
+            there = "one process" if found is None else f"{found.group(1)} tensor-parallel ranks"
+            raise WorldSizeError(f"--snapshot-dir {self.snapshot_dir}: {other.name} was saved by a server of "
+                                  f"{there}, this one has {here}; start it with the same number of ranks "
+                                  "(or use another folder)")
 
     def _load_folder(self) -> None:
         """The conversations a server with this folder had (their memories stay on disk)."""
@@ -262,11 +299,14 @@ class ConversationStore:
                                     system=meta["system"], created=meta["created"])
                 if conv.system:
                     conv.messages.append({"role": "system", "content": conv.system})
+                self._check_world(conv)
                 snap = self._path(conv, ".snap")
                 if snap.exists():
                     header = read_header(snap)
                     conv.messages, conv.text = header["extra"]["messages"], header["extra"]["text"]
                     conv.length, conv.tokens = int(header["state"]["length"]), None
+            except WorldSizeError:
+                raise
             except (OSError, ValueError, KeyError, TypeError, InfLLMLiteError) as e:
                 log.warning("skipping conversation file %s: %s", meta_path, e)
                 continue

@@ -45,9 +45,11 @@ class EngineRunner:
         self._thread.start()
 
     def submit(self, requests: list[Request], queue: asyncio.Queue, *, tags: list | None = None,
-               on_finish: Callable | None = None) -> list[int]:
+               on_finish: Callable | None = None, turn=None) -> list[int]:
         """Queue ``requests`` together (all or none): 429 when the waiting queue is full,
-        400 for a request the engine refuses (bad input, larger than the whole budget)."""
+        400 for a request the engine refuses (bad input, larger than the whole budget).
+        ``turn``: the conversation turn they continue (what a tensor-parallel server's other
+        ranks need to continue the same conversation: :mod:`infllm_lite.parallel.serve`)."""
         loop = asyncio.get_running_loop()
         tags = tags if tags is not None else list(range(len(requests)))
         with self._lock:

@@ -1,0 +1,235 @@
+"""``torchrun --nproc-per-node 2 -m infllm_lite serve --tensor-parallel`` (infllm_lite.parallel.serve)
+on the tiny random Llama (4 heads, 2 KV heads: one of each per rank, gloo), started once
+for the module in its own process group (always killed at the end), driven by the
+official ``openai`` client:
+
+* greedy chat and completion answers, streamed and not, equal in-process ``generate`` on
+  one process for ``full`` and ``infllm`` (a 64-token local window and a ~400-token
+  prompt: blocks are selected), and a seeded sample too;
+* a few concurrent streaming clients get ``generate``'s answers;
+* two conversations over two requests each, under a budget (per rank) that holds one: each
+  turn evicts the other (every rank saves its own snapshot, the ranks agree) and loads
+  its own back; the answers are a never-evicted ``ChatSession``'s; a load that fails on
+  rank 1 only is refused on both, which go on;
+* SIGTERM to torchrun ends every rank, each saving the conversation it holds to its own
+  file; a one-process server refuses that folder;
+* a second launch: rank 0 killed, the other rank (which ignores torchrun's SIGTERM) exits
+  with an error well before torchrun's SIGKILL.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from infllm_lite import MemoryConfig, generate
+from infllm_lite.chat import ChatSession
+from infllm_lite.errors import InfLLMLiteError
+from infllm_lite.server.process import free_port
+
+KERNEL = "window-eager"
+SMALL = {"n_init": 4, "n_local": 64, "block_size": 16, "topk": 2, "exc_block_size": 32, "max_cached_blocks": 4}
+BUDGET = "450KiB"  # per rank: one SMALL conversation at ~400 tokens (~270 KiB a rank) fits, two do not
+LONG = " ".join(f"item {i} is {i * 7 % 13}." for i in range(48))  # ~400 tokens: beyond the 64-token window
+
+
+@contextmanager
+def launched(folder, root, *args):
+    """torchrun with 2 ranks serving ``folder`` on a free port, in its own process group
+    (killed whole at the end, whatever happened), until /health answers."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(free_port()), "-m", "infllm_lite", "serve", "--tensor-parallel",
+           "--model", str(folder), "--host", "127.0.0.1", "--port", str(port), "--attention-kernel", KERNEL,
+           "--log-level", "warning", *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1", INFLLM_LITE_DIST_TIMEOUT="30")
+    log_path = root / "server.log"
+    log = open(log_path, "wb")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, log_path.read_text()[-3000:]
+            assert time.monotonic() < deadline, "the server did not answer /health within 120 s"
+            try:
+                with urllib.request.urlopen(base + "/health", timeout=2):
+                    break
+            except OSError:
+                time.sleep(0.3)
+        yield dict(proc=proc, base=base, log=log_path, model=folder.name)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks
+        except ProcessLookupError:
+            pass
+        proc.wait(10)
+        log.close()
+
+
+def rank_pids(proc) -> dict[int, int]:
+    """torchrun's workers by rank."""
+    found = {}
+    for pid in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split():
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        found[int(next(e for e in env if e.startswith(b"RANK="))[5:])] = int(pid)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def server(tiny_folder, tmp_path_factory):
+    root = tmp_path_factory.mktemp("tp_serve")
+    with launched(tiny_folder, root, "--snapshot-dir", str(root / "snaps"), "--memory-budget", BUDGET) as s:
+        s["snaps"] = root / "snaps"
+        yield s
+
+
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server["base"] + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def chat(text):
+    return [{"role": "user", "content": text}]
+
+
+def test_greedy_and_seeded_answers_equal_one_process(server, tiny):
+    model, tok = tiny
+    c = client(server)
+    messages = chat("Read this list. " + LONG + " Which item is 5?")
+    for mode, extra in (("full", {"attention": "full"}), ("infllm", {"attention": "infllm", "memory": SMALL})):
+        memory = MemoryConfig.for_model(model.args, **SMALL) if mode == "infllm" else None
+        expected = generate(model, tok, messages, max_new_tokens=10, attention=mode, memory=memory,
+                            attention_kernel=KERNEL)
+        r = c.chat.completions.create(model=server["model"], messages=messages, max_tokens=10, temperature=0,
+                                      extra_body=extra)
+        assert r.choices[0].message.content == expected, mode
+        assert r.usage.prompt_tokens > 350
+        stream = c.chat.completions.create(model=server["model"], messages=messages, max_tokens=10, temperature=0,
+                                           stream=True, extra_body=extra)
+        assert "".join(ch.choices[0].delta.content or "" for ch in stream) == expected, mode
+    prompt = "Once upon a time"
+    expected = generate(model, tok, prompt, max_new_tokens=8)
+    r = c.completions.create(model=server["model"], prompt=prompt, max_tokens=8, temperature=0, n=2,
+                             extra_body={"attention": "full"})
+    assert [ch.text for ch in r.choices] == [expected, expected]
+    seeded = c.completions.create(model=server["model"], prompt=prompt, max_tokens=8, temperature=0.9, seed=7,
+                                  extra_body={"attention": "full"})
+    assert seeded.choices[0].text == generate(model, tok, prompt, max_new_tokens=8, temperature=0.9, seed=7)
+
+
+def test_concurrent_streaming_clients(server, tiny):
+    model, tok = tiny
+    prompts = [f"A short story about a {w}:" for w in ("river", "candle", "violin", "harbor")]
+    expected = [generate(model, tok, p, max_new_tokens=8) for p in prompts]
+    got = [None] * len(prompts)
+
+    def one(i):
+        stream = client(server).completions.create(model=server["model"], prompt=prompts[i], max_tokens=8,
+                                                   temperature=0, stream=True, extra_body={"attention": "full"})
+        got[i] = "".join(ch.choices[0].text for ch in stream)
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert got == expected
+    assert httpx.get(server["base"] + "/health").json()["running"] == 0
+
+
+def test_conversations_continue_across_evictions(server, tiny):
+    model, tok = tiny
+    doc, question = "Remember this list. " + LONG, "Which item is 3?"
+    session = ChatSession(model, tok, attention="infllm", memory=MemoryConfig.for_model(model.args, **SMALL),
+                          kernel=KERNEL, max_new_tokens=4)
+    first = session.send(doc)
+    session.max_new_tokens = 8
+    second = session.send(question)
+    h, c = httpx.Client(base_url=server["base"], timeout=60), client(server)
+    a, b = (h.post("/v1/conversations", json={"attention": "infllm", "memory": SMALL}).json()["id"] for _ in "ab")
+
+    def send(cid, text, n):
+        return c.chat.completions.create(model=server["model"], messages=chat(text), max_tokens=n, temperature=0,
+                                         extra_body={"conversation_id": cid}).choices[0].message.content
+
+    def in_memory(cid):
+        return h.get(f"/v1/conversations/{cid}").json()["in_memory"]
+
+    assert send(a, doc, 4) == first and in_memory(a)
+    assert send(b, doc, 4) == first  # a is evicted: every rank saved its own file
+    assert not in_memory(a) and in_memory(b)
+    assert sorted(p.name for p in server["snaps"].glob(f"{a}*")) == [
+        f"{a}.json", f"{a}.rank0-of-2.snap", f"{a}.rank1-of-2.snap"]
+    assert send(a, question, 8) == second  # loaded back on both ranks (b evicted)
+    assert in_memory(a) and not in_memory(b)
+    assert send(b, question, 8) == second
+    assert h.get(f"/v1/conversations/{b}").json()["tokens"] == session.state.length
+    c2 = h.post("/v1/conversations", json={"attention": "infllm", "memory": SMALL}).json()["id"]
+    assert h.delete(f"/v1/conversations/{c2}").json()["deleted"]  # deleted on every rank
+    # a load that fails on rank 1 only (its snapshot gone) is refused on both; they go on
+    d = h.post("/v1/conversations", json={"attention": "infllm", "memory": SMALL}).json()["id"]
+    assert send(d, doc, 4) == first and not in_memory(b)
+    (server["snaps"] / f"{b}.rank1-of-2.snap").unlink()
+    with pytest.raises(openai.RateLimitError, match="rank 1: .*does not exist"):
+        send(b, question, 8)
+    assert send(d, question, 8) == second
+    server["kept"] = d  # in memory at shutdown
+
+
+def test_sigterm_ends_every_rank_and_saves_per_rank(server, tiny):
+    proc = server["proc"]
+    ranks = rank_pids(proc)
+    assert sorted(ranks) == [0, 1]
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(45)
+    deadline = time.monotonic() + 10
+    while any(map(alive, ranks.values())) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(map(alive, ranks.values()))
+    log = server["log"].read_text()
+    assert "error: " not in log and "[rank 1]" not in log and "ERROR" not in log, log[-3000:]
+    kept = server.get("kept")
+    if kept is not None:  # saved at shutdown, a file per rank
+        names = {p.name for p in server["snaps"].glob(f"{kept}*")}
+        assert {f"{kept}.rank0-of-2.snap", f"{kept}.rank1-of-2.snap"} <= names
+        meta = json.loads((server["snaps"] / f"{kept}.json").read_text())
+        assert meta["id"] == kept
+    from infllm_lite.engine import Engine
+    from infllm_lite.server.conversations import ConversationStore
+    model, tok = tiny
+    with pytest.raises(InfLLMLiteError, match="saved by a server of 2 tensor-parallel ranks, this one has one process"):
+        ConversationStore(model, tok, Engine(model, tok), snapshot_dir=server["snaps"], capacity=2048)
+
+
+def test_a_dead_rank_0_ends_the_follower_with_an_error(tiny_folder, tmp_path):
+    """The follower ignores torchrun's SIGTERM (it waits for rank 0's shutdown): when rank 0
+    dies instead, its next broadcast fails and it exits with an error, well before
+    torchrun's 30 s SIGKILL."""
+    with launched(tiny_folder, tmp_path) as s:
+        ranks = rank_pids(s["proc"])
+        start = time.monotonic()
+        os.kill(ranks[0], signal.SIGKILL)
+        s["proc"].wait(40)
+        while alive(ranks[1]) and time.monotonic() - start < 40:
+            time.sleep(0.2)
+        assert not alive(ranks[1]) and time.monotonic() - start < 20
+        log = s["log"].read_text()
+        assert "[rank 1] error: rank 1: a broadcast failed: another rank died" in log, log[-3000:]

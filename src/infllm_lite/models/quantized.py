@@ -329,9 +329,9 @@ class QuantizedLinear(nn.Module):
         if self._kernel_ones is not None:  # grouped int8: a product per group, scaled in float32
             xg = xb.reshape(xb.shape[0], -1, self.group_size)
             y = torch.zeros(xb.shape[0], self.out_features, dtype=torch.float32, device=x.device)
-            for g in range(xg.shape[1]):
-                y += torch._weight_int8pack_mm(xg[:, g].contiguous(), self._kernel_weight[g],
-                                               self._kernel_ones).float() * self._kernel_scales[g]
+            for g in range(xg.shape[1]):  # y += z · s in one op (the same bits as z.float() * s, then +=)
+                y.addcmul_(torch._weight_int8pack_mm(xg[:, g].contiguous(), self._kernel_weight[g],
+                                                     self._kernel_ones), self._kernel_scales[g])
         elif self.scheme == "int8":
             y = torch._weight_int8pack_mm(xb, self.qweight.reshape(self.out_features, -1), self._kernel_scales)
         else:

@@ -6,14 +6,17 @@ Each :meth:`Engine.step`:
 1. admits waiting requests in arrival order while their predicted memory
    (:func:`~infllm_lite.attention.footprint.state_bytes`) fits the budget, each into a
    fresh memory of its own mode and configuration;
-2. prefills: the admitted prompts' next chunks, one batch-1 model call each, within the
-   step's token budget (``step_tokens`` minus the decode tokens), so a long prompt never
-   stalls the sequences already decoding. Chunks end where batch-1 ``generate``'s
-   execution chunks end (multiples of ``exc_block_size`` for ``infllm``, within calls of
-   ``chunk_size``), so every sequence reads its prompt exactly as it would alone;
-3. decodes: one token for every sequence whose prompt is read (its last prompt token, or
-   the token it sampled last) in **one** model call, the projections, MLP, norms and LM
-   head batched (``(B, 1, dim)``), attention per sequence (:class:`~infllm_lite.attention.ragged.RaggedBatch`);
+2. chooses the admitted prompts' next chunks within the step's token budget
+   (``step_tokens`` minus the decode tokens), so a long prompt never stalls the sequences
+   already decoding. Chunks end where batch-1 ``generate``'s execution chunks end
+   (multiples of ``exc_block_size`` for ``infllm``, within calls of ``chunk_size``), so
+   every sequence reads its prompt exactly as it would alone;
+3. decodes one token for every sequence whose prompt was read by an earlier step (its
+   last prompt token, or the token it sampled last), with this step's prompt chunks, in
+   **one** model call: the projections, MLP, norms and LM head batched, attention per
+   sequence (:class:`~infllm_lite.attention.ragged.RaggedBatch` for decode rows alone,
+   :class:`~infllm_lite.attention.ragged.PackedBatch` with chunks: a decode row costs
+   little beside a chunk). With nobody decoding, each chunk is its own batch-1 call;
 4. samples each sequence with its own generator and applies its stop rules; a finished
    or cancelled sequence closes its memory at once (host slots, disk files) and gives its
    budget back.
@@ -45,7 +48,7 @@ from ..attention.footprint import state_bytes
 from ..attention.full import FullAttentionState
 from ..attention.infllm import InfLLMState
 from ..attention.kv_arena import Arena
-from ..attention.ragged import RaggedBatch
+from ..attention.ragged import PackedBatch, RaggedBatch
 from ..errors import InfLLMLiteError
 from ..memory_config import MemoryConfig
 from ..options import DEFAULT_CHUNK_SIZE
@@ -237,10 +240,12 @@ class Engine:
             events.extend(self._events)  # requests refused at admission
             self._events = []
             with torch.inference_mode():
-                self._prefill()
-                ready = [s for s in self.running if s.fed == s.body]
-                if ready:
-                    events.extend(self._decode(ready))
+                decoding = [s for s in self.running if s.status == DECODE]
+                chunks = self._prefill_chunks(self.step_tokens - len(decoding))
+                if decoding:
+                    events.extend(self._decode(decoding, chunks))
+                else:
+                    self._prefill(chunks)
             events.extend(self._apply_cancels())
             self.stats.steps += 1
             return events
@@ -323,40 +328,65 @@ class Engine:
         seq.error = why
         self._events.append(self._finish(seq, "refused"))
 
-    def _prefill(self) -> None:
-        budget = self.step_tokens - sum(s.status == DECODE for s in self.running)
-        first = True
+    def _prefill_chunks(self, budget: int) -> list[tuple[Sequence, int]]:
+        """The prompt chunks this step reads, ``(sequence, end)`` in admission order, within
+        ``budget`` tokens (at least one chunk, so every prompt progresses)."""
+        chunks = []
         for seq in self.running:
             if seq.status != PREFILL:
                 continue
-            if budget <= 0 and not first:
+            if budget <= 0 and chunks:
                 break
             memory = seq.memory
             unit = memory.exc_block_size if seq.request.attention == "infllm" else 1
             chunk = seq.request.chunk_size or (memory.chunk_size if memory is not None else DEFAULT_CHUNK_SIZE)
             cut = _cut(seq.fed, seq.body, budget, unit, chunk)
-            t0 = device_clock(self.device)
-            ids = torch.tensor([seq.prompt[seq.fed:cut]], dtype=torch.long, device=self.device)  # (1, n)
-            self.model(ids, seq.state, last_only=True)
-            seconds = device_clock(self.device) - t0
-            self.stats.prefill_seconds += seconds
-            self.stats.prefill_tokens += cut - seq.fed
+            chunks.append((seq, cut))
             budget -= cut - seq.fed
-            seq.fed, first = cut, False
+        return chunks
+
+    def _read(self, chunks: list[tuple[Sequence, int]], seconds: float) -> None:
+        """Count the prompt chunks just read; a prompt read whole decodes from the next step."""
+        self.stats.prefill_seconds += seconds
+        for seq, cut in chunks:
+            self.stats.prefill_tokens += cut - seq.fed
+            seq.fed = cut
             if seq.fed == seq.body:
                 seq.status = DECODE
 
-    def _decode(self, seqs: list[Sequence]) -> list[Event]:
+    def _prefill(self, chunks: list[tuple[Sequence, int]]) -> None:
+        """Nobody decodes: each chunk in its own batch-1 call (exactly ``generate``'s)."""
+        for seq, cut in chunks:
+            t0 = device_clock(self.device)
+            ids = torch.tensor([seq.prompt[seq.fed:cut]], dtype=torch.long, device=self.device)  # (1, n)
+            self.model(ids, seq.state, last_only=True)
+            self._read([(seq, cut)], device_clock(self.device) - t0)
+
+    def _decode(self, seqs: list[Sequence], chunks: list[tuple[Sequence, int]] = ()) -> list[Event]:
+        """One token of every sequence in ``seqs``, in one model call with this step's
+        prompt ``chunks`` (:class:`~infllm_lite.attention.ragged.PackedBatch`)."""
         t0 = device_clock(self.device)
-        ids = torch.tensor([[s.next_input] for s in seqs], dtype=torch.long, device=self.device)  # (B, 1)
-        if len(seqs) == 1:
-            logits = self.model(ids, seqs[0].state)  # (1, 1, vocab): exactly batch-1's step
+        n_read = sum(cut - seq.fed for seq, cut in chunks)
+        if chunks:
+            batch = PackedBatch([(seq.state, cut - seq.fed) for seq, cut in chunks],
+                                [s.state for s in seqs], self.model.args.n_layers)
+            ids = torch.tensor([[t for seq, cut in chunks for t in seq.prompt[seq.fed:cut]]
+                                + [s.next_input for s in seqs]], dtype=torch.long, device=self.device)  # (1, T)
+            logits = self.model.step(ids, batch.positions(), batch, rows=batch.rows)[0, :, None]  # (B, 1, vocab)
+            batch.advance()
         else:
-            batch = RaggedBatch([s.state for s in seqs], self.model.args.n_layers)
-            logits = self.model.step(ids, batch.positions(1), batch)  # (B, 1, vocab)
-            batch.advance(1)
+            ids = torch.tensor([[s.next_input] for s in seqs], dtype=torch.long, device=self.device)  # (B, 1)
+            if len(seqs) == 1:
+                logits = self.model(ids, seqs[0].state)  # (1, 1, vocab): exactly batch-1's step
+            else:
+                batch = RaggedBatch([s.state for s in seqs], self.model.args.n_layers)
+                logits = self.model.step(ids, batch.positions(1), batch)  # (B, 1, vocab)
+                batch.advance(1)
         events = [self._sampled(seq, logits[b:b + 1, -1]) for b, seq in enumerate(seqs)]
         seconds = device_clock(self.device) - t0
+        if chunks:  # the call's time, shared by its tokens
+            self._read(chunks, seconds * n_read / (n_read + len(seqs)))
+            seconds *= len(seqs) / (n_read + len(seqs))
         self.stats.decode_seconds += seconds
         self.stats.decode_tokens += len(seqs)
         self.stats.max_batch = max(self.stats.max_batch, len(seqs))

@@ -113,12 +113,15 @@ class Transformer(nn.Module):
         return logits
 
     def step(self, input_ids: torch.Tensor, positions: torch.Tensor, state,
-             *, last_only: bool = False) -> torch.Tensor:
-        """The pure compute of a forward call (no host-side bookkeeping): what gets compiled."""
+             *, last_only: bool = False, rows: slice | None = None) -> torch.Tensor:
+        """The pure compute of a forward call (no host-side bookkeeping): what gets compiled.
+        ``rows``: only these positions' logits (B, len(rows), vocab), like ``last_only``."""
         x = self.embed_tokens(input_ids)  # (B, T, dim)
         cos, sin = self.rotary_emb(positions, x.dtype)  # (T, d)
         for i, layer in enumerate(self.layers):
             x = layer(x, positions, cos, sin, self.rotary_emb, None if state is None else state.layers[i])
         if last_only:
             x = x[:, -1:]
+        elif rows is not None:
+            x = x[:, rows]
         return self.lm_head(self.norm(x)).float()  # (B, T, vocab)

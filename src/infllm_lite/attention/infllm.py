@@ -94,7 +94,13 @@ class InfLLMLayerAttention(LayerAttention):
             self.k_rot, self.k_raw, self.v = views["k_rot"], views["k_raw"], views["v"]
             self.tail_scores = views["tail_scores"]
         for slots in (self.k_rot, self.k_raw, self.v):
-            slots[:, :, :-1, d] = 1.0  # "real" column
+            # "real" column, on the slots a local call sees (flex_joint: no pool slot is ever
+            # local, and the far call's queries carry 0 there). The pool's slots, most of the
+            # array, stay unwritten until blocks come: an arena row is backed by memory only
+            # where written (first-touch page faults cost about 2 s per sequence of the
+            # embedded model's default memory on these machines; a short prompt needs none)
+            slots[:, :, :lay.pool_slot, d] = 1.0
+            slots[:, :, lay.pool_end:-1, d] = 1.0
             slots[:, :, -1, d + 1] = 1.0  # "sentinel" column
         self.n_blocks = 0
         self.block_repr = torch.zeros(B, 0, args.n_heads * d, dtype=torch.float32, device=state.device)

@@ -230,6 +230,27 @@ def test_a_conversation_belongs_to_its_key(server):
     assert alpha.delete(f"/v1/conversations/{full}").status_code == 200
 
 
+def test_full_attention_takes_a_kv_dtype_and_nothing_else(server, smollm):
+    model, tok = smollm
+    h = http(server)
+    half = {"attention": "full", "memory": {"kv_dtype": "bfloat16"}}
+    prompt = "The three primary colours are"
+    expected = generate(model, tok, prompt, max_new_tokens=8, attention="full",
+                        memory=MemoryConfig.for_model(model.args, kv_dtype="bfloat16"))
+    r = h.post("/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 8, "temperature": 0, **half})
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == expected
+    wrong = {"model": MODEL, "prompt": prompt, "max_tokens": 2, "attention": "full", "memory": {"n_local": 64}}
+    assert "n_local" in error_of(h.post("/v1/completions", json=wrong), 400, param="memory")
+    # a bfloat16 cache of the whole window is 180 MiB: the conversation that float32 could never hold fits
+    cid = h.post("/v1/conversations", json=half).json()["id"]
+    assert h.get(f"/v1/conversations/{cid}").json()["memory"]["kv_dtype"] == "bfloat16"
+    body = {"model": MODEL, "messages": chat("Hi"), "max_tokens": 3, "temperature": 0, "conversation_id": cid}
+    r = h.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200 and h.get(f"/v1/conversations/{cid}").json()["tokens"] > 0
+    assert h.delete(f"/v1/conversations/{cid}").status_code == 200
+    error_of(h.post("/v1/conversations", json={"attention": "full", "memory": {"topk": 2}}), 400, param="memory")
+
+
 def test_16_concurrent_streaming_clients_finish_and_the_queue_drains(server, smollm):
     model, tok = smollm
     words = ["river", "mountain", "candle", "garden", "winter", "silver", "harbor", "violin",

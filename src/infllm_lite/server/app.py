@@ -20,6 +20,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine import DEFAULT_STEP_TOKENS, Engine, Request, SamplingOptions
+from ..cli_support import OPTION_MODES
 from ..errors import InfLLMLiteError
 from ..memory_config import MemoryConfig
 from ..prompts import encode_prompt
@@ -28,7 +29,7 @@ from .completions import ClientGone, Job, run_job
 from .conversations import ConversationStore
 from .metrics import ServerMetrics
 from .runner import EngineRunner
-from .schemas import (FULL_HAS_NO_MEMORY, APIError, ChatRequest, CompletionRequest, ConversationCreate, Extensions,
+from .schemas import (FULL_MEMORY, APIError, ChatRequest, CompletionRequest, ConversationCreate, Extensions,
                       bad_request, parse)
 from .settings import ServerSettings
 
@@ -145,11 +146,17 @@ def create_app(model, tokenizer, settings: ServerSettings, *, store_class=Conver
 
     def memory_of(ext: Extensions) -> tuple[str, MemoryConfig | None]:
         attention = ext.attention or settings.attention
-        if attention == "full":
-            return attention, None
         given = ext.memory.given() if ext.memory is not None else {}
+        fields = {**settings.memory, **given}
+        if attention == "full":  # a KV cache: only how it is stored (kv_dtype) applies
+            refused = sorted(k for k in given if attention not in OPTION_MODES.get(k, ()))
+            if refused:
+                raise bad_request(FULL_MEMORY.format(", ".join(refused)), param="memory")
+            fields = {k: v for k, v in fields.items() if attention in OPTION_MODES.get(k, ())}
+            if not fields:
+                return attention, None
         try:
-            return attention, MemoryConfig.for_model(model.args, **{**settings.memory, **given})
+            return attention, MemoryConfig.for_model(model.args, **fields)
         except InfLLMLiteError as e:
             raise bad_request(str(e), param="memory") from None
 
@@ -259,8 +266,6 @@ def create_app(model, tokenizer, settings: ServerSettings, *, store_class=Conver
         raw = await body_of(http)
         body = parse(ConversationCreate, raw if raw.strip() else b"{}")
         check_model(body.model)
-        if body.memory is not None and body.attention == "full":
-            raise bad_request(FULL_HAS_NO_MEMORY, param="memory")
         attention, memory = memory_of(body)
         conv = await run_in_threadpool(store.create, who, attention, memory, body.system)
         return conv.info()

@@ -98,7 +98,7 @@ class ConversationStore:
                 raise APIError(429, f"this server holds {len(self._convs)} conversations, its limit; delete some",
                                type="rate_limit_error", code="too_many_conversations")
             conv = Conversation(id=f"conv_{uuid.uuid4().hex}", owner=owner, attention=attention,
-                                memory=None if attention == "full" else memory, system=system,
+                                memory=memory, system=system,
                                 created=int(time.time()))
             if system:
                 conv.messages.append({"role": "system", "content": system})

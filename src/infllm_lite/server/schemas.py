@@ -58,8 +58,8 @@ class MemoryOverrides(BaseModel):
         return {k: v for k, v in self.model_dump().items() if v is not None}
 
 
-FULL_HAS_NO_MEMORY = ("memory applies to the attention modes with a context memory "
-                      "(streaming, lm-infinite, infllm), not 'full'")
+FULL_MEMORY = ("full attention's memory takes only kv_dtype (how its KV cache is stored); {} "
+               "apply to the modes with a context memory (streaming, lm-infinite, infllm)")
 
 
 class Extensions(BaseModel):
@@ -104,8 +104,6 @@ class Sampling(Extensions):
         stops = self.stops()
         if len(stops) > 4 or any(not s for s in stops):
             raise bad_request("stop takes up to 4 non-empty strings", param="stop")
-        if self.memory is not None and self.attention == "full":
-            raise bad_request(FULL_HAS_NO_MEMORY, param="memory")
 
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

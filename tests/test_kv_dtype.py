@@ -18,6 +18,12 @@ from infllm_lite.snapshot import load_snapshot, save_snapshot
 CFG = MemoryConfig(n_init=4, n_local=32, block_size=8, topk=2, repr_topk=2, exc_block_size=16, max_cached_blocks=4)
 
 
+def random_qkv(args, L: int) -> tuple[torch.Tensor, ...]:
+    """q (1, H, L, d), k and v (1, Hkv, L, d), the same for every test."""
+    g = torch.Generator().manual_seed(0)
+    return tuple(torch.randn(1, n, L, args.head_dim, generator=g) for n in (args.n_heads, args.n_kv_heads, args.n_kv_heads))
+
+
 def test_a_bad_kv_dtype_is_refused():
     with pytest.raises(InfLLMLiteError, match="kv_dtype must be one of float32, bfloat16, float16 or None, got 'int8'"):
         MemoryConfig(kv_dtype="int8")
@@ -27,10 +33,8 @@ def test_a_bad_kv_dtype_is_refused():
 def test_infllm_blocks_are_stored_rounded_and_read_back_exactly(tiny, kind):
     model, _ = tiny
     args = model.args
-    rope = RotaryEmbedding(args)
-    g = torch.Generator().manual_seed(0)
-    L, H, Hkv, d = 200, args.n_heads, args.n_kv_heads, args.head_dim
-    q, k, v = (torch.randn(1, n, L, d, generator=g) for n in (H, Hkv, Hkv))
+    L = 200
+    rope, (q, k, v) = RotaryEmbedding(args), random_qkv(args, L)
     states = {name: make_attention_state("infllm", args, capacity=1, memory=cfg, kernel="window-eager")
               for name, cfg in (("float32", CFG), (kind, MemoryConfig(**{**CFG.to_dict(), "kv_dtype": kind})))}
     outs = {name: attend_in_calls(s, q, k, v, [37, 1, 90, 1, 1, 70], rope) for name, s in states.items()}
@@ -92,10 +96,8 @@ def test_full_attention_stores_its_cache_rounded_and_attends_within_the_derived_
     in L1 (Σ|Δp_j| <= 2·max|Δs|), and so the output by that times max|v|."""
     model, _ = tiny
     args = model.args
-    rope = RotaryEmbedding(args)
-    g = torch.Generator().manual_seed(0)
-    L, H, Hkv, d = 120, args.n_heads, args.n_kv_heads, args.head_dim
-    q, k, v = (torch.randn(1, n, L, d, generator=g) for n in (H, Hkv, Hkv))
+    L = 120
+    rope, (q, k, v) = RotaryEmbedding(args), random_qkv(args, L)
     states = {name: make_attention_state("full", args, capacity=L, memory=cfg)
               for name, cfg in (("float32", None), (kind, MemoryConfig(kv_dtype=kind)))}
     outs = {name: attend_in_calls(s, q, k, v, [37, 1, 60, 1, 21], rope) for name, s in states.items()}
@@ -103,7 +105,7 @@ def test_full_attention_stores_its_cache_rounded_and_attends_within_the_derived_
     assert half.k.dtype == half.v.dtype == getattr(torch, kind) and full.k.dtype == torch.float32
     assert torch.equal(half.k, full.k.to(half.k.dtype)) and torch.equal(half.v, full.v.to(half.v.dtype))
     u = UNIT_ROUNDOFF[kind]
-    logit = (q.norm(dim=-1).max() * k.norm(dim=-1).max() / d ** 0.5).item()
+    logit = (q.norm(dim=-1).max() * k.norm(dim=-1).max() / args.head_dim ** 0.5).item()
     bound = u * v.abs().max().item() * (1 + 2 * logit)
     diff = (outs[kind] - outs["float32"]).abs().max().item()
     assert 0 < diff < bound, (diff, bound)

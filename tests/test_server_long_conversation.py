@@ -1,8 +1,8 @@
 """A conversation over HTTP reads a passkey haystack longer than the embedded model's
 pre-training window (8,192 tokens) in one request; a later request asks, and gets the key,
 reading only its own message; after a server restart (the conversation saved to its
-snapshot at shutdown and loaded back on its next request) the same question gets the same
-answer. A real server (uvicorn in a child process) driven by the official ``openai`` client.
+snapshot at shutdown and loaded back on its next request) the question still gets the
+key. A real server (uvicorn in a child process) driven by the official ``openai`` client.
 
 The conversation's InfLLM memory is small (a 256-token local window, 3 of the ~65 blocks
 retrieved, 4 fast slots) to keep the read short (about 40 s on 2 cores); the key sits at
@@ -29,12 +29,9 @@ def server(tmp_path_factory):
     folder = tmp_path_factory.mktemp("serve_long")
     args = ["--snapshot-dir", str(folder / "snaps"), "--max-prompt-tokens", "12000",
             "--attention-kernel", "window-eager"]  # eager: no compile per shape in a fresh process
-    proc = ServerProcess(args, log=folder / "server.log")
-    proc.snaps = folder / "snaps"
-    try:
-        yield proc.start()
-    finally:
-        proc.stop()
+    with ServerProcess(args, log=folder / "server.log") as proc:
+        proc.snaps = folder / "snaps"
+        yield proc
 
 
 def test_a_conversation_reads_past_the_model_window_once_and_answers_after_a_restart(server, smollm):

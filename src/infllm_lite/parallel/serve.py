@@ -204,6 +204,27 @@ def _check_submission(engine, request) -> None:
             f"engine's whole budget of {budget / 2**20:.1f} MiB")
 
 
+def agreed_step(engine, lockstep: Lockstep) -> list:
+    """One engine step on this rank, its outcome agreed with every rank: the step's events;
+    where it failed on some rank, every rank cancels its running sequences instead (and
+    returns those cancellations), so the ranks' engines stay in lockstep."""
+    try:
+        events, error = engine.step(), None
+    except Exception as e:  # noqa: BLE001 (agreed on below)
+        events, error = [], e
+    try:
+        message = lockstep.settle(error, "an engine step")
+    except InfLLMLiteError:
+        if isinstance(error, InfLLMLiteError):  # e.g. the step's own all_reduce found a dead rank
+            raise error from None
+        raise
+    if message is None:
+        return events
+    log.error("engine step failed on every rank (%s); cancelling the running sequences", message)
+    engine.close()
+    return engine.step()  # reports the cancellations (no model call: in step on every rank)
+
+
 def _seeded(request):
     """Every rank must draw the same tokens: a sampled request without a seed gets one."""
     s = request.sampling
@@ -328,21 +349,7 @@ class LeaderRunner(EngineRunner):
                 self._wake.clear()
 
     def _step(self):
-        try:
-            events, error = self.engine.step(), None
-        except Exception as e:  # noqa: BLE001 (agreed on below)
-            events, error = [], e
-        try:
-            message = self.lockstep.settle(error, "an engine step")
-        except InfLLMLiteError:
-            if isinstance(error, InfLLMLiteError):  # e.g. the step's own all_reduce found a dead rank
-                raise error from None
-            raise
-        if message is None:
-            return events
-        log.error("engine step failed on every rank (%s); cancelling the running sequences", message)
-        self.engine.close()
-        return self.engine.step()  # reports the cancellations (no model call: in step on every rank)
+        return agreed_step(self.engine, self.lockstep)
 
     def _dispatch(self, events) -> None:
         super()._dispatch(events)
@@ -429,20 +436,7 @@ class Follower:
                 log.exception("freeing conversation %s failed", entry[1])
 
     def _step(self) -> None:
-        try:
-            events, error = self.engine.step(), None
-        except Exception as e:  # noqa: BLE001 (agreed on below)
-            events, error = [], e
-        try:
-            message = self.lockstep.settle(error, "an engine step")
-        except InfLLMLiteError:
-            if isinstance(error, InfLLMLiteError):
-                raise error from None
-            raise
-        if message is not None:
-            self.engine.close()
-            events = self.engine.step()
-        for event in events:
+        for event in agreed_step(self.engine, self.lockstep):
             if event.finish_reason is None:
                 continue
             seq = self.engine.pop(event.seq_id)

@@ -1,8 +1,8 @@
 """A conversation over HTTP reads a passkey haystack longer than the embedded model's
 pre-training window (8,192 tokens) in one request; a later request asks, and gets the key,
-reading only its own message; after a server restart (the conversation saved to its
-snapshot at shutdown and loaded back on its next request) the question still gets the
-key. A real server (uvicorn in a child process) driven by the official ``openai`` client.
+reading only its own message; so it does after the conversation was evicted to its
+snapshot (another request needed the room) and loaded back, and after a server restart
+(saved at shutdown, loaded on its next request). A real server (uvicorn in a child process) driven by the official ``openai`` client.
 
 The conversation's InfLLM memory is small (a 256-token local window, 3 of the ~65 blocks
 retrieved, 4 fast slots) to keep the read short (about 40 s on 2 cores); the key sits at
@@ -15,6 +15,8 @@ import httpx
 import openai
 import pytest
 
+from infllm_lite import MemoryConfig
+from infllm_lite.attention.footprint import state_bytes
 from infllm_lite.eval.passkey import PASSKEY, make_passkey_sample, score_passkey
 from infllm_lite.server.process import ServerProcess
 
@@ -25,9 +27,14 @@ QUESTION = "What is the pass key? Answer with the number only."
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, smollm):
+    model, _ = smollm
     folder = tmp_path_factory.mktemp("serve_long")
+    # room for the conversation at its longest and 8 MiB: a 500-token full-attention request
+    # (23 MiB of cache) makes the server evict the idle conversation to its snapshot
+    budget = state_bytes("infllm", model.args, HAYSTACK_TOKENS + 400, MemoryConfig.for_model(model.args, **MEMORY))
     args = ["--snapshot-dir", str(folder / "snaps"), "--max-prompt-tokens", "12000",
+            "--memory-budget", str(budget + (8 << 20)),
             "--attention-kernel", "window-eager"]  # eager: no compile per shape in a fresh process
     with ServerProcess(args, log=folder / "server.log") as proc:
         proc.snaps = folder / "snaps"
@@ -54,8 +61,17 @@ def test_a_conversation_reads_past_the_model_window_once_and_answers_after_a_res
     answer, read = ask(QUESTION, 12)
     assert score_passkey(answer, sample.key), answer
     assert read < 40  # only the new message is read
+    assert h.get(f"/v1/conversations/{cid}").json()["tokens"] > window
+
+    # another request needs the room: the idle conversation is saved and evicted, then loaded back
+    r = c.completions.create(model=MODEL, prompt=" ".join(["river"] * 500), max_tokens=2, temperature=0,
+                             extra_body={"attention": "full"})
+    assert r.usage.prompt_tokens >= 500
+    info = h.get(f"/v1/conversations/{cid}").json()
+    assert not info["in_memory"] and (server.snaps / f"{cid}.snap").exists()
+    again, read = ask(QUESTION, 12)
+    assert score_passkey(again, sample.key) and read < 40, again
     tokens = h.get(f"/v1/conversations/{cid}").json()["tokens"]
-    assert tokens > window
 
     server.restart()
     h = httpx.Client(base_url=server.base, timeout=300)

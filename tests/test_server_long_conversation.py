@@ -30,8 +30,9 @@ QUESTION = "What is the pass key? Answer with the number only."
 def server(tmp_path_factory, smollm):
     model, _ = smollm
     folder = tmp_path_factory.mktemp("serve_long")
-    # room for the conversation at its longest and 8 MiB: a 500-token full-attention request
-    # (23 MiB of cache) makes the server evict the idle conversation to its snapshot
+    # room for the conversation at its longest and 8 MiB: a 2,000-token full-attention request
+    # (88 MiB of cache; the conversation leaves at most ~50 MiB free) makes the server evict the
+    # idle conversation to its snapshot
     budget = state_bytes("infllm", model.args, HAYSTACK_TOKENS + 400, MemoryConfig.for_model(model.args, **MEMORY))
     args = ["--snapshot-dir", str(folder / "snaps"), "--max-prompt-tokens", "12000",
             "--memory-budget", str(budget + (8 << 20)),
@@ -64,9 +65,9 @@ def test_a_conversation_reads_past_the_model_window_once_and_answers_after_a_res
     assert h.get(f"/v1/conversations/{cid}").json()["tokens"] > window
 
     # another request needs the room: the idle conversation is saved and evicted, then loaded back
-    r = c.completions.create(model=MODEL, prompt=" ".join(["river"] * 500), max_tokens=2, temperature=0,
+    r = c.completions.create(model=MODEL, prompt=" ".join(["river"] * 2000), max_tokens=2, temperature=0,
                              extra_body={"attention": "full"})
-    assert r.usage.prompt_tokens >= 500
+    assert r.usage.prompt_tokens >= 2000
     info = h.get(f"/v1/conversations/{cid}").json()
     assert not info["in_memory"] and (server.snaps / f"{cid}.snap").exists()
     again, read = ask(QUESTION, 12)

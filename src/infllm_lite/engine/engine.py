@@ -167,15 +167,13 @@ class Engine:
         with self._lock:
             return self._held.pop(id(state), None) is not None
 
-    def submit(self, request: Request) -> int:
-        """Queue ``request``; returns its sequence id. Bad input, or a memory larger than
-        the whole budget, is refused here (``InfLLMLiteError``), before any work."""
+    def check(self, request: Request) -> int:
+        """What :meth:`submit` refuses (``InfLLMLiteError``: bad input, a memory larger than
+        the whole budget, stop strings without a tokenizer), refused without queueing;
+        returns the request's predicted memory bytes."""
         if not isinstance(request, Request):
             raise InfLLMLiteError(f"submit takes a Request, got {type(request).__name__}")
         request.check(self.model.args.vocab_size)
-        memory = request.memory
-        if request.attention != "full" and memory is None:
-            memory = MemoryConfig.for_model(self.model.args)
         needed = self.predicted_bytes(request)
         if self.memory_budget is not None and needed > self.memory_budget:
             raise InfLLMLiteError(
@@ -184,6 +182,15 @@ class Engine:
                 f"new tokens), more than the engine's whole budget of {self.memory_budget / 2**20:.1f} MiB")
         if request.stop and self.tokenizer is None:
             raise InfLLMLiteError("stop strings need an engine with a tokenizer")
+        return needed
+
+    def submit(self, request: Request) -> int:
+        """Queue ``request``; returns its sequence id. Bad input, or a memory larger than
+        the whole budget, is refused here (``InfLLMLiteError``), before any work."""
+        needed = self.check(request)
+        memory = request.memory
+        if request.attention != "full" and memory is None:
+            memory = MemoryConfig.for_model(self.model.args)
         stop_ids = self.stop_token_ids if request.stop_token_ids is None else frozenset(request.stop_token_ids)
         text = TextStream(self.tokenizer, request.stop) if self.tokenizer is not None else None
         with self._lock:

@@ -193,17 +193,6 @@ def describe_turn(turn: Turn) -> dict:
                 new_ids=turn.new_ids, position=turn.position, in_memory=hasattr(turn.state, "layers"))
 
 
-def _check_submission(engine, request) -> None:
-    """What ``Engine.submit`` refuses, refused now (a 400), before the request waits for a step."""
-    request.check(engine.model.args.vocab_size)
-    needed, budget = engine.predicted_bytes(request), engine.memory_budget
-    if budget is not None and needed > budget:
-        raise InfLLMLiteError(
-            f"this request needs {needed / 2**20:.1f} MiB of attention memory ({request.attention}, "
-            f"{len(request.prompt_ids)} prompt + {request.max_new_tokens} new tokens), more than the "
-            f"engine's whole budget of {budget / 2**20:.1f} MiB")
-
-
 def agreed_step(engine, lockstep: Lockstep) -> list:
     """One engine step on this rank, its outcome agreed with every rank: the step's events;
     where it failed on some rank, every rank cancels its running sequences instead (and
@@ -259,7 +248,7 @@ class LeaderRunner(EngineRunner):
         loop = asyncio.get_running_loop()
         tags = tags if tags is not None else list(range(len(requests)))
         for request in requests:
-            _check_submission(self.engine, request)
+            self.engine.check(request)
         requests = [_seeded(r) for r in requests]
         shared = None if turn is None else describe_turn(turn)
         with self._lock:

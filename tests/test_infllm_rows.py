@@ -111,3 +111,24 @@ def test_rows_join_and_leave_at_any_step(lengths, picks, seed):
     schedule = [members for members in schedule if members]
     assume(schedule)
     check_rows(lengths, schedule, CFG, seed=seed, on_near_tie=lambda: assume(False))
+
+
+def test_a_memory_writes_no_block_pool_slot_before_its_first_block():
+    """An arena row is backed by memory only where written: a prompt that forms no block
+    leaves the pool's slots (most of the row) untouched, all zeros; the first block lands there."""
+    args, cfg = model_args(4, 2, 8), CFG
+    rope, g = RotaryEmbedding(args), torch.Generator().manual_seed(0)
+    state = InfLLMState.in_arena(Arena(1, "cpu"), args, cfg, kernel=KERNEL)
+    lay, layer = state.layout, state.layers[0]
+
+    def pool_written() -> bool:
+        return any(bool(x[:, :, lay.pool_slot:lay.pool_end].any()) for x in (layer.k_rot, layer.k_raw, layer.v))
+
+    def read(n):
+        q, k, v = (torch.randn(1, h, n, 8, generator=g) for h in (4, 2, 2))
+        attend_in_calls(state, q, k, v, [n], rope)
+
+    read(cfg.n_init + cfg.n_local)  # everything still initial or local
+    assert layer.n_blocks == 0 and not pool_written()
+    read(2 * cfg.exc_block_size)
+    assert layer.n_blocks > 0 and pool_written()

@@ -8,8 +8,8 @@ every query), the tail (pending remainder, window, current chunk), unused slots 
 at their own positions (``k_rot``, for local logits) and un-rotated (``k_raw``, for far
 logits). Keys and values carry two extra columns: ``real`` (1 on every slot a local call
 may see: not the sentinel, and not the block-pool slots, which are never local and whose
-far logits take 0 from the query's column) and ``sentinel`` (1 on the sentinel only). A query's extra columns then set the
-sentinel's logit (or subtract a constant from every real logit) inside the ordinary dot
+far logits take 0 from the query's column) and ``sentinel`` (1 on the sentinel only). A
+query's extra columns then set the sentinel's logit (or subtract a constant from every real logit) inside the ordinary dot
 product: no ``score_mod``, only position-based ``mask_mod``s.
 
 Compiled flex on the CPU returns no log-sum-exp, so the sentinel provides it. Three flex

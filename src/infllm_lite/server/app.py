@@ -19,8 +19,8 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..engine import DEFAULT_STEP_TOKENS, Engine, Request, SamplingOptions
 from ..cli_support import OPTION_MODES
+from ..engine import DEFAULT_STEP_TOKENS, Engine, Request, SamplingOptions
 from ..errors import InfLLMLiteError
 from ..memory_config import MemoryConfig
 from ..prompts import encode_prompt

@@ -14,20 +14,32 @@ official ``openai`` client:
 * SIGTERM to torchrun ends every rank, each saving the conversation it holds to its own
   file; a one-process server refuses that folder;
 * a second launch: rank 0 killed, the other rank (which ignores torchrun's SIGTERM) exits
-  with an error well before torchrun's SIGKILL.
+  with an error well before torchrun's SIGKILL;
+* a launcher (FAULTY_LAUNCHER, run by torchrun instead of ``-m infllm_lite``) whose
+  ``Engine.step`` fails when a prompt says so: a step failed on every rank fails its
+  requests (503, the API's error body naming the failed step: a completion, a stream, a
+  conversation's turn, which stays as it was) and the server goes on (a greedy answer
+  follows);
+* SIGINT to torchrun ends every rank cleanly (no error), each saving the conversation it
+  holds to its own file; a second launch on that folder continues the conversation with a
+  never-restarted ``ChatSession``'s answer; there a step failed on rank 1 only fails the
+  open request (503, the message naming rank 1) and every rank exits with the message
+  (rank 0 with ``error: ...``), saving nothing.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import threading
 import time
 import urllib.request
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -45,13 +57,45 @@ BUDGET = "450KiB"  # per rank: one SMALL conversation at ~400 tokens (~270 KiB a
 LONG = " ".join(f"item {i} is {i * 7 % 13}." for i in range(48))  # ~400 tokens: beyond the 64-token window
 
 
+# Run by torchrun instead of ``-m infllm_lite``: the same main, with Engine.step failing when
+# a prompt it holds (waiting or running) says so: before the step on every rank (nothing
+# ran: every rank fails alike), or after the step on rank 1 only (its collectives matched
+# rank 0's, then only rank 1 reports a failure).
+FAULTY_LAUNCHER = """\
+import sys
+
+import torch.distributed as dist
+
+from infllm_lite.cli import main
+from infllm_lite.engine import Engine
+
+step = Engine.step
+
+
+def faulty_step(self):
+    text = " ".join(self.tokenizer.decode(s.prompt) for s in [*self.waiting, *self.running])
+    if "FAIL_EVERYWHERE" in text:
+        raise RuntimeError(f"injected failure on rank {dist.get_rank()}")
+    events = step(self)
+    if "FAIL_ON_RANK_1" in text and dist.get_rank() == 1:
+        raise RuntimeError("injected failure on rank 1 only")
+    return events
+
+
+Engine.step = faulty_step
+sys.exit(main())
+"""
+
+
 @contextmanager
-def launched(folder, root, *args):
+def launched(folder, root, *args, script=None):
     """torchrun with 2 ranks serving ``folder`` on a free port, in its own process group
-    (killed whole at the end, whatever happened), until /health answers."""
+    (killed whole at the end, whatever happened), until /health answers; ``script``: a
+    file torchrun runs instead of ``-m infllm_lite``."""
     port = free_port()
+    program = ["-m", "infllm_lite"] if script is None else [str(script)]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(free_port()), "-m", "infllm_lite", "serve", "--tensor-parallel",
+           "--master-port", str(free_port()), *program, "serve", "--tensor-parallel",
            "--model", str(folder), "--host", "127.0.0.1", "--port", str(port), "--attention-kernel", KERNEL,
            "--log-level", "warning", *args]
     env = dict(os.environ, OMP_NUM_THREADS="1", INFLLM_LITE_DIST_TIMEOUT="30")
@@ -111,6 +155,58 @@ def chat(text):
     return [{"role": "user", "content": text}]
 
 
+DOC, QUESTION = "Remember this list. " + LONG, "Which item is 3?"
+
+
+@pytest.fixture(scope="module")
+def reference(tiny):
+    """A never-evicted, never-restarted ``ChatSession``'s two answers (DOC in 4 tokens, then
+    QUESTION in 8) and its length after them."""
+    model, tok = tiny
+    session = ChatSession(model, tok, attention="infllm", memory=MemoryConfig.for_model(model.args, **SMALL),
+                          kernel=KERNEL, max_new_tokens=4)
+    first = session.send(DOC)
+    session.max_new_tokens = 8
+    second = session.send(QUESTION)
+    return first, second, session.state.length
+
+
+def turn(server, cid, text, n):
+    """A conversation's answer to ``text`` (greedy, ``n`` tokens at most)."""
+    return client(server).chat.completions.create(
+        model=server["model"], messages=chat(text), max_tokens=n, temperature=0,
+        extra_body={"conversation_id": cid}).choices[0].message.content
+
+
+def ended(proc, ranks, within):
+    """Whether torchrun and every rank ended within ``within`` seconds."""
+    deadline = time.monotonic() + within
+    try:
+        proc.wait(within)
+    except subprocess.TimeoutExpired:
+        return False
+    while any(map(alive, ranks.values())) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return not any(map(alive, ranks.values()))
+
+
+def stream_events(base, body, on_first=None, timeout=60):
+    """The ``data:`` payloads of a streamed completion (the HTTP status first);
+    ``on_first()`` runs after the first payload arrives."""
+    out = []
+    with httpx.stream("POST", base + "/v1/completions", json={**body, "stream": True}, timeout=timeout) as r:
+        out.append(r.status_code)
+        if r.status_code != 200:
+            r.read()
+            return out + [r.json()]
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                out.append(line[6:] if line == "data: [DONE]" else json.loads(line[6:]))
+                if len(out) == 2 and on_first is not None:
+                    on_first()
+    return out
+
+
 def test_greedy_and_seeded_answers_equal_one_process(server, tiny):
     model, tok = tiny
     c = client(server)
@@ -155,20 +251,14 @@ def test_concurrent_streaming_clients(server, tiny):
     assert httpx.get(server["base"] + "/health").json()["running"] == 0
 
 
-def test_conversations_continue_across_evictions(server, tiny):
-    model, tok = tiny
-    doc, question = "Remember this list. " + LONG, "Which item is 3?"
-    session = ChatSession(model, tok, attention="infllm", memory=MemoryConfig.for_model(model.args, **SMALL),
-                          kernel=KERNEL, max_new_tokens=4)
-    first = session.send(doc)
-    session.max_new_tokens = 8
-    second = session.send(question)
-    h, c = httpx.Client(base_url=server["base"], timeout=60), client(server)
+def test_conversations_continue_across_evictions(server, reference):
+    doc, question = DOC, QUESTION
+    first, second, length = reference
+    h = httpx.Client(base_url=server["base"], timeout=60)
     a, b = (h.post("/v1/conversations", json={"attention": "infllm", "memory": SMALL}).json()["id"] for _ in "ab")
 
     def send(cid, text, n):
-        return c.chat.completions.create(model=server["model"], messages=chat(text), max_tokens=n, temperature=0,
-                                         extra_body={"conversation_id": cid}).choices[0].message.content
+        return turn(server, cid, text, n)
 
     def in_memory(cid):
         return h.get(f"/v1/conversations/{cid}").json()["in_memory"]
@@ -181,7 +271,7 @@ def test_conversations_continue_across_evictions(server, tiny):
     assert send(a, question, 8) == second  # loaded back on both ranks (b evicted)
     assert in_memory(a) and not in_memory(b)
     assert send(b, question, 8) == second
-    assert h.get(f"/v1/conversations/{b}").json()["tokens"] == session.state.length
+    assert h.get(f"/v1/conversations/{b}").json()["tokens"] == length
     c2 = h.post("/v1/conversations", json={"attention": "infllm", "memory": SMALL}).json()["id"]
     assert h.delete(f"/v1/conversations/{c2}").json()["deleted"]  # deleted on every rank
     # a load that fails on rank 1 only (its snapshot gone) is refused on both; they go on
@@ -233,3 +323,105 @@ def test_a_dead_rank_0_ends_the_follower_with_an_error(tiny_folder, tmp_path):
         assert not alive(ranks[1]) and time.monotonic() - start < 20
         log = s["log"].read_text()
         assert "[rank 1] error: rank 1: a broadcast failed: another rank died" in log, log[-3000:]
+
+
+# ---------------------------------------------------------------------- failures, SIGINT, a restart
+@pytest.fixture(scope="module")
+def faulty(tiny_folder, tmp_path_factory):
+    """FAULTY_LAUNCHER's server on a snapshot folder; ``faulty["relaunch"]()`` starts it again
+    on the same folder (the earlier one ended), its keys then the new launch's."""
+    root = tmp_path_factory.mktemp("tp_faults")
+    script = root / "faulty_serve.py"
+    script.write_text(FAULTY_LAUNCHER)
+    state = dict(snaps=root / "snaps")
+    with ExitStack() as stack:
+        def launch(name):
+            (root / name).mkdir()
+            state.update(stack.enter_context(launched(tiny_folder, root / name, "--snapshot-dir", str(state["snaps"]),
+                                                      script=script)))
+            return state
+        launch("first")
+        state["relaunch"] = partial(launch, "second")
+        yield state
+
+
+def failure(message):
+    """The API's error body of a request ended by a failure of the ranks (503)."""
+    return {"error": {"message": message, "type": "server_error", "param": None, "code": "cancelled"}}
+
+
+def test_a_step_failed_on_every_rank_fails_its_requests_and_the_server_goes_on(faulty, tiny, reference):
+    model, tok = tiny
+    first = reference[0]
+    h = httpx.Client(base_url=faulty["base"], timeout=60)
+    cid = h.post("/v1/conversations", json={"attention": "infllm", "memory": SMALL}).json()["id"]
+    faulty["conversation"] = cid  # for the tests below
+    assert turn(faulty, cid, DOC, 4) == first
+    tokens = h.get(f"/v1/conversations/{cid}").json()["tokens"]
+    failed = failure("an engine step failed on every rank (injected failure on rank 0); the request was cancelled")
+    body = dict(model=faulty["model"], prompt="FAIL_EVERYWHERE, says this prompt", max_tokens=8, temperature=0,
+                attention="full")
+    r = h.post("/v1/completions", json=body)
+    assert (r.status_code, r.json()) == (503, failed)
+    assert stream_events(faulty["base"], body) == [503, failed]  # its first event is the failure: no stream
+    with pytest.raises(openai.InternalServerError) as e:  # a conversation's turn: the conversation stays as it was
+        turn(faulty, cid, "FAIL_EVERYWHERE", 8)
+    assert (e.value.status_code, e.value.response.json()) == (503, failed)
+    assert h.get(f"/v1/conversations/{cid}").json()["tokens"] == tokens
+    prompt = "Once upon a time"  # the server goes on, on every rank
+    r = client(faulty).completions.create(model=faulty["model"], prompt=prompt, max_tokens=8, temperature=0,
+                                          extra_body={"attention": "full"})
+    assert r.choices[0].text == generate(model, tok, prompt, max_new_tokens=8)
+    log = faulty["log"].read_text()
+    assert log.count("ERROR: engine step failed on every rank (injected failure on rank 0); "
+                     "cancelling the running sequences") == 3, log[-3000:]
+    assert "error: " not in log and "[rank 1]" not in log, log[-3000:]
+
+
+def test_sigint_ends_every_rank_cleanly_and_saves_per_rank(faulty):
+    """torchrun passes SIGINT to every rank: rank 0 shuts down (the followers ignore it and
+    end with rank 0's shutdown), each saving the conversation it holds to its own file."""
+    cid = faulty["conversation"]
+    snaps, proc = faulty["snaps"], faulty["proc"]
+    assert not list(snaps.glob(f"{cid}*.snap"))  # never evicted: in memory only
+    ranks = rank_pids(proc)
+    assert sorted(ranks) == [0, 1]
+    before = len(faulty["log"].read_text())
+    proc.send_signal(signal.SIGINT)
+    assert ended(proc, ranks, 45)
+    log = faulty["log"].read_text()[before:]
+    assert "error: " not in log and "[rank 1]" not in log and "ERROR" not in log, log[-3000:]
+    assert sorted(p.name for p in snaps.glob(f"{cid}*")) == [f"{cid}.json", f"{cid}.rank0-of-2.snap",
+                                                             f"{cid}.rank1-of-2.snap"]
+    assert json.loads((snaps / f"{cid}.json").read_text())["id"] == cid
+
+
+def test_a_restarted_server_continues_its_conversations(faulty, reference):
+    _, second, length = reference
+    cid = faulty["conversation"]
+    s = faulty["relaunch"]()  # the same --snapshot-dir
+    h = httpx.Client(base_url=s["base"], timeout=60)
+    assert not h.get(f"/v1/conversations/{cid}").json()["in_memory"]
+    assert turn(s, cid, QUESTION, 8) == second  # loaded on every rank: a never-restarted ChatSession's answer
+    assert h.get(f"/v1/conversations/{cid}").json()["tokens"] == length
+
+
+def test_a_step_failed_on_rank_1_only_stops_every_rank(faulty):
+    """Rank 1's engine no longer matches rank 0's: the open request fails, every rank exits
+    with the message, nothing is saved (the memories may differ)."""
+    proc, snaps, cid = faulty["proc"], faulty["snaps"], faulty["conversation"]
+    ranks = rank_pids(proc)
+    saved = {p.name: p.read_bytes() for p in snaps.glob(f"{cid}*")}
+    message = ("rank 1: an engine step failed (injected failure on rank 1 only) on some ranks only: their engines "
+               "now differ, so the server stops")
+    start = time.monotonic()
+    body = dict(model=faulty["model"], prompt="FAIL_ON_RANK_1, says this prompt", max_tokens=8, temperature=0,
+                attention="full")
+    assert stream_events(faulty["base"], body) == [503, failure(message)]
+    assert ended(proc, ranks, 30) and time.monotonic() - start < 20
+    log = faulty["log"].read_text()
+    assert f"ERROR: stopping the server: {message}\n" in log, log[-3000:]
+    assert re.search(f"^error: {re.escape(message)}$", log, re.M), log[-3000:]  # rank 0's exit
+    assert f"[rank 1] error: {message}\n" in log, log[-3000:]
+    assert {p.name: p.read_bytes() for p in snaps.glob(f"{cid}*")} == saved
+

@@ -15,11 +15,12 @@ and the ranks agree that every save, and every load at admission, succeeded
 (:class:`LockstepStore`): a load failed on one rank refuses the request on all.
 
 After each step the ranks compare its outcome: a step failed on every rank cancels the
-running sequences on every rank (as one process does); failed on some only, it stops the
-server on every rank with a message. A dead rank breaks the next collective (rank 0
-broadcasts at least every ``HEARTBEAT_S`` seconds, idle or not; a hung one times out after
-``INFLLM_LITE_DIST_TIMEOUT``): rank 0 then fails its open requests, stops uvicorn and exits
-with ``error: ...``, a follower exits with its error. Followers ignore SIGINT and SIGTERM
+running sequences on every rank (as one process does; their clients get 503 naming the
+failed step); failed on some only, it stops the server on every rank with a message. A
+dead rank breaks the next collective (rank 0 broadcasts at least every ``HEARTBEAT_S``
+seconds, idle or not; a hung one times out after ``INFLLM_LITE_DIST_TIMEOUT``): rank 0 then
+fails its open requests (503 with that message), stops uvicorn and exits with
+``error: ...``, a follower exits with its error. Followers ignore SIGINT and SIGTERM
 (torchrun passes them to every rank): they end when rank 0's shutdown reaches them, after
 saving their conversations' snapshots, or when rank 0 is gone.
 """
@@ -211,7 +212,12 @@ def agreed_step(engine, lockstep: Lockstep) -> list:
         return events
     log.error("engine step failed on every rank (%s); cancelling the running sequences", message)
     engine.close()
-    return engine.step()  # reports the cancellations (no model call: in step on every rank)
+    events = engine.step()  # reports the cancellations (no model call: in step on every rank)
+    for event in events:  # what their clients are told (not a shutdown: the server goes on)
+        if event.finish_reason == "cancelled" and engine.sequences[event.seq_id].error is None:
+            engine.sequences[event.seq_id].error = f"an engine step failed on every rank ({message}); " \
+                                                   "the request was cancelled"
+    return events
 
 
 def _seeded(request):

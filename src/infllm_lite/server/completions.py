@@ -46,9 +46,9 @@ def _failure(seq) -> APIError | None:
     if seq.finish_reason == "refused":
         return APIError(429, seq.error or "the request cannot be admitted", type="rate_limit_error",
                         code="insufficient_memory")
-    if seq.finish_reason == "cancelled":
-        return APIError(503, "the request was cancelled (the server is shutting down)", type="server_error",
-                        code="cancelled")
+    if seq.finish_reason == "cancelled":  # ``error``: why, where not a shutdown (a tensor-parallel server's)
+        return APIError(503, seq.error or "the request was cancelled (the server is shutting down)",
+                        type="server_error", code="cancelled")
     return None
 
 

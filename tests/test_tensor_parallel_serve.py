@@ -24,7 +24,10 @@ official ``openai`` client:
   holds to its own file; a second launch on that folder continues the conversation with a
   never-restarted ``ChatSession``'s answer; there a step failed on rank 1 only fails the
   open request (503, the message naming rank 1) and every rank exits with the message
-  (rank 0 with ``error: ...``), saving nothing.
+  (rank 0 with ``error: ...`` and status 1, not torchrun's SIGTERM), saving nothing;
+* a third launch: rank 1 killed while a stream is open: the stream ends with an error event
+  naming the failed collective, rank 0 exits with ``error: ...`` (status 1) and torchrun
+  ends, well before the collective timeout.
 """
 
 from __future__ import annotations
@@ -188,6 +191,12 @@ def ended(proc, ranks, within):
     while any(map(alive, ranks.values())) and time.monotonic() < deadline:
         time.sleep(0.1)
     return not any(map(alive, ranks.values()))
+
+
+def exit_code(log: str, pid: int) -> int | None:
+    """A rank's exit code in torchrun's report of failed ranks (in ``log``)."""
+    found = re.search(rf"exitcode\s*:\s*(-?\d+) \(pid: {pid}\)", log)
+    return None if found is None else int(found[1])
 
 
 def stream_events(base, body, on_first=None, timeout=60):
@@ -422,6 +431,31 @@ def test_a_step_failed_on_rank_1_only_stops_every_rank(faulty):
     log = faulty["log"].read_text()
     assert f"ERROR: stopping the server: {message}\n" in log, log[-3000:]
     assert re.search(f"^error: {re.escape(message)}$", log, re.M), log[-3000:]  # rank 0's exit
+    assert exit_code(log, ranks[0]) == 1, log[-3000:]  # not killed by torchrun's SIGTERM (rank 1 failed)
     assert f"[rank 1] error: {message}\n" in log, log[-3000:]
     assert {p.name: p.read_bytes() for p in snaps.glob(f"{cid}*")} == saved
 
+
+def test_a_dead_follower_fails_the_open_stream_and_ends_rank_0(tiny_folder, tmp_path):
+    """Rank 1 killed while a stream is open: rank 0's next collective fails at once; the
+    stream ends with an error event, rank 0 exits with an error naming the collective,
+    torchrun ends, well before the collective timeout (30 s here)."""
+    with launched(tiny_folder, tmp_path) as s:
+        ranks = rank_pids(s["proc"])
+        killed = []
+
+        def kill():
+            killed.append(time.monotonic())
+            os.kill(ranks[1], signal.SIGKILL)
+        body = dict(model=s["model"], prompt="Once upon a time", max_tokens=1000, temperature=0, attention="full")
+        events = stream_events(s["base"], body, on_first=kill)
+        collective = r"rank 0: an? (all_reduce|broadcast|all_gather) failed: another rank died"
+        assert events[0] == 200 and events[-1] == "[DONE]" and all("choices" in e for e in events[1:-2]), events
+        error = events[-2]["error"]
+        assert re.match(collective, error["message"]), error
+        assert (error["type"], error["code"]) == ("server_error", "cancelled")
+        assert ended(s["proc"], {0: ranks[0]}, 30) and time.monotonic() - killed[0] < 15
+        log = s["log"].read_text()
+        assert re.search("^ERROR: stopping the server: " + collective, log, re.M), log[-3000:]
+        assert re.search("^error: " + collective, log, re.M), log[-3000:]
+        assert exit_code(log, ranks[0]) == 1, log[-3000:]  # not killed by torchrun's SIGTERM (rank 1 died)

@@ -20,9 +20,10 @@ failed step); failed on some only, it stops the server on every rank with a mess
 dead rank breaks the next collective (rank 0 broadcasts at least every ``HEARTBEAT_S``
 seconds, idle or not; a hung one times out after ``INFLLM_LITE_DIST_TIMEOUT``): rank 0 then
 fails its open requests (503 with that message), stops uvicorn and exits with
-``error: ...``, a follower exits with its error. Followers ignore SIGINT and SIGTERM
-(torchrun passes them to every rank): they end when rank 0's shutdown reaches them, after
-saving their conversations' snapshots, or when rank 0 is gone.
+``error: ...`` (ignoring the SIGTERM torchrun sends once a rank has failed), a follower
+exits with its error. Followers ignore SIGINT and SIGTERM (torchrun passes them to every
+rank): they end when rank 0's shutdown reaches them, after saving their conversations'
+snapshots, or when rank 0 is gone.
 """
 
 from __future__ import annotations
@@ -459,8 +460,27 @@ def serve_tensor_parallel(model, tokenizer, settings, config: dict, *, announce=
     app.state.store.runner = runner
     server = uvicorn.Server(uvicorn.Config(app, **config))
     runner.on_fatal = lambda _: setattr(server, "should_exit", True)
+    _ignore_signals_once_fatal(runner)
     if announce is not None:
         announce()
     server.run()
     if runner.fatal is not None:
+        for sig in (signal.SIGINT, signal.SIGTERM):  # also while the interpreter ends (a handler would be reset)
+            signal.signal(sig, signal.SIG_IGN)
         raise InfLLMLiteError(runner.fatal)
+
+
+def _ignore_signals_once_fatal(runner: LeaderRunner) -> None:
+    """SIGINT and SIGTERM as before, unless the ranks could not go on: torchrun sends
+    SIGTERM to the other ranks as soon as one has failed, and uvicorn re-raises the
+    signals it caught once it has stopped, which would kill rank 0 before it exits with
+    its error (then ignored, as the followers do)."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        def handler(signum, frame, previous=signal.getsignal(sig)):
+            if runner.fatal is not None:
+                return
+            if callable(previous):
+                return previous(signum, frame)
+            signal.signal(signum, signal.SIG_DFL if previous is None else previous)
+            signal.raise_signal(signum)
+        signal.signal(sig, handler)

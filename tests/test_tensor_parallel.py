@@ -28,6 +28,7 @@ import torch
 from infllm_lite.config import ModelArgs
 from infllm_lite.errors import InfLLMLiteError
 from infllm_lite.memory_config import MemoryConfig
+from torchrun_ranks import kill_with_ranks
 
 WORLD = 2
 TIMEOUT_S = 150  # the whole spawn, both ranks
@@ -471,11 +472,15 @@ def torchrun(args: list[str], timeout: float = 120, nproc: int = WORLD, script: 
            "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
            *(script if script is not None else ["-m", "infllm_lite", *args])]
     env = dict(os.environ, OMP_NUM_THREADS="1", INFLLM_LITE_DIST_TIMEOUT="60", INFLLM_LITE_EVAL_WAIT="60")
+    proc = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=cwd)
     try:
-        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd,
-                              input=stdin if stdin is not None else "")
-    except subprocess.TimeoutExpired as e:  # run() has killed torchrun; its ranks die with it
-        pytest.fail(f"torchrun did not finish within {timeout} s:\n{(e.stderr or b'')[-3000:]}")
+        out, err = proc.communicate(stdin if stdin is not None else "", timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_with_ranks(proc)  # the ranks too: they do not die with torchrun
+        err = proc.stderr.read()
+        pytest.fail(f"torchrun did not finish within {timeout} s:\n{err[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 CLI_MEMORY = ["--n-init", "4", "--n-local", "64", "--block-size", "16", "--topk", "2",

@@ -1,6 +1,6 @@
 """``torchrun --nproc-per-node 2 -m infllm_lite serve --tensor-parallel`` (infllm_lite.parallel.serve)
 on the tiny random Llama (4 heads, 2 KV heads: one of each per rank, gloo), started once
-for the module in its own process group (always killed at the end), driven by the
+for the module (torchrun and its ranks are always killed at the end), driven by the
 official ``openai`` client:
 
 * greedy chat and completion answers, streamed and not, equal in-process ``generate`` on
@@ -53,6 +53,7 @@ from infllm_lite import MemoryConfig, generate
 from infllm_lite.chat import ChatSession
 from infllm_lite.errors import InfLLMLiteError
 from infllm_lite.server.process import free_port
+from torchrun_ranks import children, kill_with_ranks
 
 KERNEL = "window-eager"
 SMALL = {"n_init": 4, "n_local": 64, "block_size": 16, "topk": 2, "exc_block_size": 32, "max_cached_blocks": 4}
@@ -92,8 +93,9 @@ sys.exit(main())
 
 @contextmanager
 def launched(folder, root, *args, script=None):
-    """torchrun with 2 ranks serving ``folder`` on a free port, in its own process group
-    (killed whole at the end, whatever happened), until /health answers; ``script``: a
+    """torchrun with 2 ranks serving ``folder`` on a free port until /health answers;
+    torchrun and its ranks (each in a session of its own) are killed at the end, whatever
+    happened; ``script``: a
     file torchrun runs instead of ``-m infllm_lite``."""
     port = free_port()
     program = ["-m", "infllm_lite"] if script is None else [str(script)]
@@ -106,6 +108,7 @@ def launched(folder, root, *args, script=None):
     log = open(log_path, "wb")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
+    workers = []
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -116,20 +119,17 @@ def launched(folder, root, *args, script=None):
                     break
             except OSError:
                 time.sleep(0.3)
+        workers = children(proc.pid)  # torchrun starts each rank in a session of its own
         yield dict(proc=proc, base=base, log=log_path, model=folder.name)
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks
-        except ProcessLookupError:
-            pass
-        proc.wait(10)
+        kill_with_ranks(proc, workers)
         log.close()
 
 
 def rank_pids(proc) -> dict[int, int]:
     """torchrun's workers by rank."""
     found = {}
-    for pid in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split():
+    for pid in children(proc.pid):
         env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         found[int(next(e for e in env if e.startswith(b"RANK="))[5:])] = int(pid)
     return found

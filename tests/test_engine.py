@@ -303,3 +303,30 @@ def test_generate_on_a_list_returns_each_prompts_own_text(tiny):
         generate(model, tok, ["fine", "  "], **kw)
     with pytest.raises(InfLLMLiteError, match=r"list of prompts only"):
         generate(model, tok, "one prompt", step_tokens=4)
+
+
+def test_a_failed_step_loses_no_sequence_it_finished(tiny, monkeypatch):
+    """A step that raises after it finished a sequence (here: the next sequence's sampling
+    fails): that end is reported by the next step, after ``close`` cancels the rest, so
+    every sequence ends exactly once and can be collected (a server's client is told)."""
+    model, _ = tiny
+    engine = Engine(model, attention_kernel=KERNEL)
+    done = engine.submit(request(range(5, 12), "full", new=1))  # ends at its first token
+    failing = engine.submit(request(range(20, 30), "full", new=4))
+    engine.step()  # reads both prompts (nobody decodes yet)
+    sampled = Engine._sampled
+
+    def sampled_or_fail(self, seq, logits):
+        if seq.id == failing:
+            raise RuntimeError("injected")
+        return sampled(self, seq, logits)
+
+    monkeypatch.setattr(Engine, "_sampled", sampled_or_fail)
+    with pytest.raises(RuntimeError, match="injected"):
+        engine.step()
+    assert engine.sequences[done].status == "finished"
+    engine.close()
+    ends = [(e.seq_id, e.finish_reason) for e in engine.step() if e.finish_reason is not None]
+    assert sorted(ends) == sorted([(done, "length"), (failing, "cancelled")])
+    assert engine.pop(done).token_ids and not engine.has_work and engine.reserved == 0
+    assert engine.step() == []  # reported once

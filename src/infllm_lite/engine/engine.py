@@ -30,7 +30,8 @@ cannot fit with nothing else running is refused (``finish_reason`` ``refused``,
 ``Sequence.error`` says why) instead of waiting forever.
 
 Submission and cancellation are thread-safe (a server thread may submit while another
-steps); steps run one at a time.
+steps); steps run one at a time. A step that raises (a bug) loses no end: the sequences it
+finished are reported by the next step, as :meth:`close`'s cancellations are.
 """
 
 from __future__ import annotations
@@ -132,6 +133,7 @@ class Engine:
         self._step_lock = threading.Lock()  # one step at a time
         self._cancels: set[int] = set()
         self._events: list[Event] = []  # cancellations outside a step, reported by the next
+        self._finishes: list[Event] = []  # the ends of the step in progress
         self.make_room = make_room
         self._held: dict[int, tuple[object, int]] = {}  # id(state) -> (state, bytes): kept memories
 
@@ -242,18 +244,28 @@ class Engine:
         """One step of every running sequence (see the module's docstring)."""
         with self._step_lock:
             events, self._events = self._events, []
-            events.extend(self._apply_cancels())
-            self._admit()
-            events.extend(self._events)  # requests refused at admission
-            self._events = []
-            with torch.inference_mode():
-                decoding = [s for s in self.running if s.status == DECODE]
-                chunks = self._prefill_chunks(self.step_tokens - len(decoding))
-                if decoding:
-                    events.extend(self._decode(decoding, chunks))
-                else:
-                    self._prefill(chunks)
-            events.extend(self._apply_cancels())
+            self._finishes = []
+            try:
+                events.extend(self._apply_cancels())
+                self._admit()
+                events.extend(self._events)  # requests refused at admission
+                self._events = []
+                with torch.inference_mode():
+                    decoding = [s for s in self.running if s.status == DECODE]
+                    chunks = self._prefill_chunks(self.step_tokens - len(decoding))
+                    if decoding:
+                        events.extend(self._decode(decoding, chunks))
+                    else:
+                        self._prefill(chunks)
+                events.extend(self._apply_cancels())
+            except BaseException:
+                # what the failed step reported and every sequence it finished reach the
+                # caller with the next step: a finished sequence is never left unreported
+                told = {id(e) for e in events}
+                self._events = events + [e for e in self._finishes if id(e) not in told] + self._events
+                raise
+            finally:
+                self._finishes = []
             self.stats.steps += 1
             return events
 
@@ -448,7 +460,9 @@ class Engine:
             elif seq in self.waiting:
                 self.waiting.remove(seq)
         seq.status = FINISHED
-        return Event(seq.id, token_id, piece, reason)
+        event = Event(seq.id, token_id, piece, reason)
+        self._finishes.append(event)  # this step's ends (reported even if the step fails later)
+        return event
 
     def _apply_cancels(self) -> list[Event]:
         with self._lock:

@@ -31,7 +31,8 @@ class SequenceStats(GenerationStats):
 class Event:
     """What a step did for one sequence: a new token (``token_id``, and ``text``, the text
     it made final), and/or its end (``finish_reason``: ``stop``, ``length``, ``cancelled``,
-    or ``refused``: it could never be admitted, ``Sequence.error`` says why)."""
+    or ``refused``: it could never be admitted; ``Sequence.error`` says why it was refused, or
+    cancelled by a failed step)."""
 
     seq_id: int
     token_id: int | None = None
@@ -57,7 +58,7 @@ class Sequence:
         self.pieces: list[str] = []
         self.logits: list[torch.Tensor] = []  # (vocab,) per sampled token, with request.keep_logits
         self.finish_reason: str | None = None
-        self.error: str | None = None  # why a refused sequence could not run
+        self.error: str | None = None  # why it was refused, or cancelled by a failed step (not by a client)
         seed = request.sampling.seed
         self.generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
         self.stats = SequenceStats(prompt_tokens=len(self.prompt))

@@ -43,7 +43,7 @@ from ..engine import Event
 from ..errors import InfLLMLiteError
 from ..memory_config import MemoryConfig
 from ..server.conversations import Conversation, ConversationStore, Turn
-from ..server.runner import EngineRunner, Listener
+from ..server.runner import EngineRunner, Listener, end_every_sequence
 from ..server.schemas import APIError
 from .group import all_gather_object, broadcast_object, timeout_seconds
 
@@ -212,13 +212,7 @@ def agreed_step(engine, lockstep: Lockstep) -> list:
     if message is None:
         return events
     log.error("engine step failed on every rank (%s); cancelling the running sequences", message)
-    engine.close()
-    events = engine.step()  # reports the cancellations (no model call: in step on every rank)
-    for event in events:  # what their clients are told (not a shutdown: the server goes on)
-        if event.finish_reason == "cancelled" and engine.sequences[event.seq_id].error is None:
-            engine.sequences[event.seq_id].error = f"an engine step failed on every rank ({message}); " \
-                                                   "the request was cancelled"
-    return events
+    return end_every_sequence(engine, f"an engine step failed on every rank ({message})")  # in step on every rank
 
 
 def _seeded(request):

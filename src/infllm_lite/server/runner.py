@@ -31,6 +31,19 @@ class Listener:
     on_finish: Callable | None
 
 
+def end_every_sequence(engine: Engine, why: str) -> list:
+    """After a failed step (its engine's state is not to be trusted): cancel every sequence
+    and return the next step's events, which run no model: the ends the failed step made
+    and the cancellations, each cancelled sequence told ``why`` (its ``error``)."""
+    engine.close()
+    events = engine.step()
+    for event in events:
+        seq = engine.sequences.get(event.seq_id)
+        if event.finish_reason == "cancelled" and seq is not None and seq.error is None:
+            seq.error = f"{why}; the request was cancelled"
+    return events
+
+
 class EngineRunner:
     def __init__(self, engine: Engine, *, max_queue: int, metrics=None):
         self.engine, self.max_queue, self.metrics = engine, max_queue, metrics
@@ -101,11 +114,10 @@ class EngineRunner:
                 continue
             try:
                 events = self.engine.step()
-            except Exception:  # a bug, not bad input: end every sequence, keep serving
+            except Exception as e:  # a bug, not bad input: end every sequence, keep serving
                 log.exception("engine step failed; cancelling the running sequences")
-                self.engine.close()
                 try:
-                    events = self.engine.step()  # reports the cancellations
+                    events = end_every_sequence(self.engine, f"an engine step failed ({str(e) or type(e).__name__})")
                 except Exception:
                     log.exception("the engine cannot step; stopping")
                     return

@@ -95,8 +95,7 @@ sys.exit(main())
 def launched(folder, root, *args, script=None):
     """torchrun with 2 ranks serving ``folder`` on a free port until /health answers;
     torchrun and its ranks (each in a session of its own) are killed at the end, whatever
-    happened; ``script``: a
-    file torchrun runs instead of ``-m infllm_lite``."""
+    happened; ``script``: a file torchrun runs instead of ``-m infllm_lite``."""
     port = free_port()
     program = ["-m", "infllm_lite"] if script is None else [str(script)]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",

@@ -46,7 +46,7 @@ def _failure(seq) -> APIError | None:
     if seq.finish_reason == "refused":
         return APIError(429, seq.error or "the request cannot be admitted", type="rate_limit_error",
                         code="insufficient_memory")
-    if seq.finish_reason == "cancelled":  # ``error``: why, where not a shutdown (a tensor-parallel server's)
+    if seq.finish_reason == "cancelled":  # ``error``: why (a failed step); without one, a shutdown
         return APIError(503, seq.error or "the request was cancelled (the server is shutting down)",
                         type="server_error", code="cancelled")
     return None

@@ -40,7 +40,7 @@ from types import SimpleNamespace
 import torch.distributed as dist
 
 from ..engine import Event
-from ..errors import InfLLMLiteError
+from ..errors import InfLLMLiteError, describe
 from ..memory_config import MemoryConfig
 from ..server.conversations import Conversation, ConversationStore, Turn
 from ..server.runner import EngineRunner, Listener, end_every_sequence
@@ -69,7 +69,7 @@ class Lockstep:
 
     def failures(self, error: BaseException | None, group) -> list[tuple[int, str]]:
         """``(rank, message)`` of every rank whose ``error`` was not None (one all_gather)."""
-        seen = all_gather_object(None if error is None else (str(error) or type(error).__name__), group)
+        seen = all_gather_object(None if error is None else describe(error), group)
         return [(r, m) for r, m in enumerate(seen) if m is not None]
 
     def settle(self, error: BaseException | None, what: str) -> str | None:
@@ -317,7 +317,7 @@ class LeaderRunner(EngineRunner):
         except Exception as e:  # noqa: BLE001 (a dead rank, ranks that differ, a bug)
             if not isinstance(e, InfLLMLiteError):
                 log.exception("the engine thread failed")
-            self._die(str(e) or type(e).__name__)
+            self._die(describe(e))
 
     def _run(self) -> None:
         sent = time.monotonic()

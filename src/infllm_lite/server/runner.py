@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..engine import Engine, Request
+from ..errors import describe
 from .schemas import APIError
 
 log = logging.getLogger("infllm_lite.server")
@@ -117,7 +118,7 @@ class EngineRunner:
             except Exception as e:  # a bug, not bad input: end every sequence, keep serving
                 log.exception("engine step failed; cancelling the running sequences")
                 try:
-                    events = end_every_sequence(self.engine, f"an engine step failed ({str(e) or type(e).__name__})")
+                    events = end_every_sequence(self.engine, f"an engine step failed ({describe(e)})")
                 except Exception:
                     log.exception("the engine cannot step; stopping")
                     return

@@ -86,26 +86,39 @@ def _answer_ids(model, tok, sample, memory, stats):
                              stop_token_ids=stops, stats=stats))
 
 
-def test_infllm_finds_the_passkey_beyond_the_window_with_most_blocks_on_disk(smollm, passkey_16k, tmp_path):
-    """The same generation with the slow tier capped so that most blocks live on disk gives
-    exactly the same tokens (the disk tier round-trips bit for bit), and the pools' counters
-    say where the blocks were; the offload file is gone afterwards."""
+def test_infllm_finds_the_passkey_beyond_the_window(smollm, passkey_16k):
+    """Twice the model's native window: InfLLM answers, every formed block kept in host
+    memory, and its 32 fast slots per layer both hit and miss."""
     model, tok = smollm
     memory = MemoryConfig.for_model(model.args)
-    uncapped = GenerationStats()
-    answer = _answer_ids(model, tok, passkey_16k, memory, uncapped)
+    stats = GenerationStats()
+    answer = _answer_ids(model, tok, passkey_16k, memory, stats)
     assert score_passkey(tok.decode(answer), passkey_16k.key), tok.decode(answer)
-    m = uncapped.memory
+    m = stats.memory
     assert m.blocks_disk == 0 and m.blocks >= model.args.n_layers * n_formed_blocks(memory, passkey_16k.n_tokens)
     assert m.misses > 0 and m.hits > 0 and m.evictions > 0  # 32 slots for 123 blocks a layer
 
+
+def test_most_blocks_on_disk_change_no_token(smollm, tmp_path):
+    """The same generation with the slow tier capped so that most blocks live on disk gives
+    exactly the same tokens (the disk tier round-trips bit for bit), and the pools' counters
+    say where the blocks were; the offload file is gone afterwards. 3K tokens, 19 blocks a
+    layer, 5 fast slots (so blocks are evicted and read back)."""
+    model, tok = smollm
+    sample = make_passkey_sample(tok, n_tokens=3072, depth=0.3, seed=2)
+    memory = MemoryConfig.for_model(model.args, max_cached_blocks=5)
+    uncapped = GenerationStats()
+    answer = _answer_ids(model, tok, sample, memory, uncapped)
+    m = uncapped.memory
+    assert m.blocks_disk == 0 and m.misses > 0 and m.evictions > 0
+
     args = model.args
     block_bytes = 2 * args.n_kv_heads * memory.block_size * args.head_dim * 4  # K and V, float32
-    capped_memory = replace(memory, max_host_bytes=16 * block_bytes * args.n_layers, offload_dir=str(tmp_path))
+    capped_memory = replace(memory, max_host_bytes=3 * block_bytes * args.n_layers, offload_dir=str(tmp_path))
     capped = GenerationStats()
-    assert _answer_ids(model, tok, passkey_16k, capped_memory, capped) == answer
+    assert _answer_ids(model, tok, sample, capped_memory, capped) == answer
     c = capped.memory
-    assert c.blocks == m.blocks and c.blocks_host == 16 * args.n_layers and c.blocks_disk > 0.8 * c.blocks
+    assert c.blocks == m.blocks and c.blocks_host == 3 * args.n_layers and c.blocks_disk > 0.8 * c.blocks
     assert (c.hits, c.misses, c.evictions) == (m.hits, m.misses, m.evictions)  # tiers do not change the cache
     assert c.bytes_host_to_disk >= c.blocks_disk * block_bytes and c.bytes_disk_to_host > 0
     assert list(tmp_path.iterdir()) == []  # the pools closed their offload files

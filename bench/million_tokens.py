@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import resource
 import shutil
 import sys
@@ -26,12 +25,13 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
-
 from infllm_lite import GenerationStats, MemoryConfig, generate_ids, load_model
-from infllm_lite.options import parse_bytes
 from infllm_lite.eval.passkey import make_passkey_sample, score_passkey
 from infllm_lite.generate import encode_prompt, stop_token_ids
+from infllm_lite.options import KV_DTYPES, parse_bytes
+
+sys.path.insert(0, str(Path(__file__).parent))  # bench/: roofline.py
+from roofline import machine_info  # noqa: E402
 
 
 def directory_bytes(path: Path) -> int:
@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, default=1 << 20)
     p.add_argument("--depth", type=float, default=0.5, help="needle depth in [0, 1] (default 0.5)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--kv-dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--kv-dtype", default="bfloat16", choices=KV_DTYPES)
     p.add_argument("--max-host-bytes", type=parse_bytes, default=parse_bytes("8GiB"),
                    help="host budget of the block store; the rest goes to disk (default 8GiB)")
     p.add_argument("--offload-dir", type=Path, default=None,
@@ -69,17 +69,15 @@ def main(argv=None) -> int:
           f"built in {build_seconds:.1f} s", flush=True)
 
     stats = GenerationStats()
-    disk_peak = 0
-    new_ids = []
     t1 = time.perf_counter()
     try:
+        new_ids, disk_peak = [], 0
         for token_id in generate_ids(model, prompt_ids, max_new_tokens=args.max_new_tokens,
                                      attention="infllm", memory=memory, progress=True,
                                      stop_token_ids=stop_token_ids(model, tokenizer), stats=stats):
-            if not new_ids:
-                disk_peak = directory_bytes(workdir)  # the store is complete after the prompt
+            if not new_ids:  # the prompt's blocks are all stored; once the generator ends, its
+                disk_peak = directory_bytes(workdir)  # pools close and remove their files
             new_ids.append(token_id)
-        disk_peak = max(disk_peak, directory_bytes(workdir))
     finally:
         total_seconds = time.perf_counter() - t1
         shutil.rmtree(workdir, ignore_errors=True)
@@ -89,8 +87,7 @@ def main(argv=None) -> int:
     result = {
         "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                    "torch": torch.__version__},
+        "machine": machine_info(),
         "memory": asdict(memory),
         "prompt_tokens": len(prompt_ids), "depth": args.depth, "seed": args.seed,
         "needle_token": sample.needle_token, "key": sample.key, "answer": answer, "correct": correct,

@@ -1,7 +1,8 @@
 """Where a decode step's time goes: ``torch.profiler``'s operator table over the decode
 steps of one greedy generation (the prefill and the first token not profiled) of the
 embedded SmolLM2-135M-Instruct, with the weights and KV cache dtype asked, after an
-untimed warm generation (the kernel probe, first-use packing).
+untimed short warm-up generation (the kernel probe, first-use packing), as
+``quantized_decode.py``'s variants (its loading and warm-up).
 
     python bench/profile_decode.py --quantize gguf --prompt-tokens 2048 --new-tokens 33 [--kv-dtype bfloat16]
 
@@ -20,10 +21,10 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).parent))
-from quantized_decode import VARIANTS, prompt_ids  # noqa: E402
+from quantized_decode import VARIANTS, load_variant, prompt_ids, run_once  # noqa: E402
 from roofline import machine_info  # noqa: E402
 
-from infllm_lite import MemoryConfig, load_model  # noqa: E402
+from infllm_lite import MemoryConfig  # noqa: E402
 from infllm_lite.generate import generate_ids  # noqa: E402
 from infllm_lite.options import KV_DTYPES  # noqa: E402
 
@@ -43,20 +44,14 @@ def main(argv=None) -> int:
         p.error("--new-tokens must be at least 2 (the first token ends the prefill)")
 
     torch.set_num_threads(args.threads)
-    from infllm_lite.weights.embedded import embedded_gguf_path, embedded_model_dir
-    source = embedded_gguf_path() if args.quantize == "gguf" else embedded_model_dir(progress=False)
-    model, tokenizer = load_model(str(source), **VARIANTS[args.quantize])
+    model, tokenizer, *_ = load_variant(args.quantize, 0, args.threads)  # the benchmark's own variants
     ids = prompt_ids(tokenizer, args.prompt_tokens)
     memory = MemoryConfig(kv_dtype=args.kv_dtype) if args.kv_dtype else None
 
-    def generation():
-        return generate_ids(model, ids, max_new_tokens=args.new_tokens, attention=args.attention,
-                            memory=memory, stop_token_ids=())
-
-    for _ in generation():  # warm-up
-        pass
+    run_once(model, ids[:64], 4, args.attention, False, memory)  # warm-up: kernel probe, first-use packing
     prof = profile(activities=[ProfilerActivity.CPU])
-    for i, _ in enumerate(generation()):
+    for i, _ in enumerate(generate_ids(model, ids, max_new_tokens=args.new_tokens, attention=args.attention,
+                                       memory=memory, stop_token_ids=())):
         if i == 0:  # the prefill and first token are done: profile the rest
             prof.__enter__()
             start = time.perf_counter()

@@ -172,6 +172,25 @@ def test_generate_with_infllm_memory_options(capsys, tiny_folder):
     assert code == 0 and out_window == out, err  # the same greedy tokens through the other kernel
 
 
+def test_repr_topk_reaches_the_memory_config_and_is_checked(capsys, tiny_folder):
+    from types import SimpleNamespace
+
+    from infllm_lite.cli import build_parser
+    from infllm_lite.cli_support import memory_config_from_args
+    from infllm_lite.config import ModelArgs
+    args = build_parser().parse_args(["eval", "--task", "passkey", "--lengths", "1k", "--repr-topk", "8",
+                                      "--topk", "8"])
+    config = memory_config_from_args(args, SimpleNamespace(args=ModelArgs(max_position_embeddings=8192)))
+    assert (config.repr_topk, config.topk, config.n_local) == (8, 8, 512)  # the rest stays for_model's
+    code, _, err = run_cli(capsys, "generate", "--model", str(tiny_folder), "--prompt", "Hello " * 50,
+                           "--attention", "infllm", "--n-local", "16", "--n-init", "4", "--block-size", "4",
+                           "--repr-topk", "5", "--max-new-tokens", "2")
+    assert code != 0 and "repr_topk" in err, err  # more representatives than a block holds: refused
+    code, _, err = run_cli(capsys, "generate", "--model", str(tiny_folder), "--prompt", "Hi",
+                           "--attention", "streaming", "--repr-topk", "2")
+    assert code != 0 and "--repr-topk applies to --attention infllm only" in err, err
+
+
 def test_the_kernel_choices_are_the_library_s():
     from infllm_lite.cli import build_parser
     from infllm_lite.options import ATTENTION_KERNELS  # the one list the library checks against

@@ -82,6 +82,8 @@ def _add_memory_options(p: argparse.ArgumentParser) -> None:
             ("block-size", f"tokens per memory block (default {m.block_size})"),
             ("topk", f"blocks retrieved per chunk (default: as many blocks as the local window "
                      f"holds, 2 to 16; SmolLM2: {m.topk})"),
+            ("repr-topk", f"representative tokens averaged into a block's retrieval vector "
+                          f"(default {m.repr_topk}, at most --block-size)"),
             ("max-cached-blocks", f"fast-tier block slots per layer (default: 32, at least --topk; "
                                   f"SmolLM2: {m.max_cached_blocks})")):
         g.add_argument(f"--{name}", type=int, default=None, metavar="N", help=meaning)

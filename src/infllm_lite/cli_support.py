@@ -11,13 +11,13 @@ from pathlib import Path
 from .errors import InfLLMLiteError
 from .options import ATTENTION_MODES, MEMORY_MODES, parse_length
 
-MEMORY_OPTIONS = ("n_init", "n_local", "block_size", "topk", "max_cached_blocks", "cache_policy",
+MEMORY_OPTIONS = ("n_init", "n_local", "block_size", "topk", "repr_topk", "max_cached_blocks", "cache_policy",
                   "max_host_bytes", "offload_dir", "kv_dtype")
 
 # The attention modes an option applies to (streaming keeps only sinks and a local window).
 OPTION_MODES = {
     "n_init": MEMORY_MODES, "n_local": MEMORY_MODES,
-    "block_size": ("infllm",), "topk": ("infllm",), "max_cached_blocks": ("infllm",),
+    "block_size": ("infllm",), "topk": ("infllm",), "repr_topk": ("infllm",), "max_cached_blocks": ("infllm",),
     "cache_policy": ("infllm",), "max_host_bytes": ("infllm",), "offload_dir": ("infllm",),
     "attention_kernel": ("infllm",), "compile": ("full",), "memory_preset": MEMORY_MODES,
     "kv_dtype": ("full", *MEMORY_MODES),
@@ -37,6 +37,7 @@ NUMBER_RULES = {
     "n_local": (lambda v: v >= 1, "must be at least 1"),
     "block_size": (lambda v: v >= 1, "must be at least 1"),
     "topk": (lambda v: v >= 0, "must be >= 0"),
+    "repr_topk": (lambda v: v >= 1, "must be at least 1"),
     "max_cached_blocks": (lambda v: v >= 1, "must be at least 1"),
     "max_sequences": (lambda v: v >= 1, "must be at least 1"),
     "step_tokens": (lambda v: v >= 1, "must be at least 1"),

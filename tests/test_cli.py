@@ -189,6 +189,9 @@ def test_repr_topk_reaches_the_memory_config_and_is_checked(capsys, tiny_folder)
     code, _, err = run_cli(capsys, "generate", "--model", str(tiny_folder), "--prompt", "Hi",
                            "--attention", "streaming", "--repr-topk", "2")
     assert code != 0 and "--repr-topk applies to --attention infllm only" in err, err
+    code, _, err = run_cli(capsys, "generate", "--model", str(tiny_folder), "--prompt", "Hi",
+                           "--attention", "infllm", "--repr-topk", "0")
+    assert code != 0 and "--repr-topk must be at least 1, got 0" in err, err
 
 
 def test_the_kernel_choices_are_the_library_s():

@@ -17,7 +17,8 @@ compiled, the compilation: the timed generation itself),
 then ``--runs`` timed greedy generations (full attention by default; ``--kv-dtype`` for
 our caches) of ``--new-tokens`` tokens; medians. Cells interleave across runs (order
 rotated per run) so a noisy neighbour hurts all alike. ``INFLLM_LITE_QUANT_KERNEL=packed|dequant``
-forces the kernel. ``--fresh`` runs each cell in a process of its own instead (not
+forces the kernel, ``INFLLM_LITE_QUANT_PREFILL=bf16|float32`` the prefill's (the kernels
+column: what ran, with ``--fresh``). ``--fresh`` runs each cell in a process of its own instead (not
 interleaved), so each row's peak RSS is its own (``peak_rss_mib``; in one process it is
 the run's).
 """
@@ -207,6 +208,7 @@ def measure(a, cells) -> dict:
                     stats = run_once(model, ids, a.new_tokens, a.attention, row["compile"], memory)
                 prefill, decode = stats.prefill_tokens_per_second, stats.decode_tokens_per_second
                 row["kernels"] = model_kernels(model)
+                row["kernels_ran"] = stats.linear_kernels  # this process's (one cell's with --fresh): the prefill's too
             row["prefill"].append(prefill)
             row["decode"].append(decode)
     for row in rows.values():
@@ -237,7 +239,7 @@ def report(a, cells, rows) -> None:
         print(f"| {name}{' + compile' if compiled else ''} | {length} | {r['prefill_tok_s']:.0f} | "
               f"{r['decode_tok_s']:.1f} | {ratio(r, base, 'decode_tok_s')} | {ratio(r, llama, 'decode_tok_s')} | "
               f"{ratio(r, llama, 'prefill_tok_s')} | {r['weights_bytes'] / 2**20:.0f} | {size} | "
-              f"{r['peak_rss_mib']:.0f}{'' if a.fresh else ' (run)'} | {compile_s} | {r.get('kernels')} |")
+              f"{r['peak_rss_mib']:.0f}{'' if a.fresh else ' (run)'} | {compile_s} | {(a.fresh and r.get('kernels_ran')) or r.get('kernels')} |")
     if a.out:
         result = {"args": vars(a), "machine": platform.processor() or platform.machine(),
                   "torch": torch.__version__, "rows": rows}

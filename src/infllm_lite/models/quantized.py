@@ -256,7 +256,8 @@ def fast_bf16_cpu() -> bool:
 
 def _probe_prefill(scheme: str) -> str:
     """``bf16`` if this CPU has bf16 dot products and the bf16 GEMM beats the packed
-    kernel by a fifth at 512 rows on 2 weights of 1536 x 576 (medians of 5), else ``float32``."""
+    kernel by a fifth at 512 rows on 2 weights of 1536 x 576 (the best of 7 calls each,
+    interleaved: a median of 5 in a row flipped the choice on a noisy machine), else ``float32``."""
     if not fast_bf16_cpu():
         return "float32"
     with torch.inference_mode():
@@ -265,13 +266,15 @@ def _probe_prefill(scheme: str) -> str:
                                              DEFAULT_INT4_GROUP if scheme == "int4" else None).prepare("packed", prefill="float32")
                   for _ in range(2)]
         x = torch.randn(512, 576, generator=gen)
-        times = {}
-        for dtype in (torch.float32, torch.bfloat16):
-            run = (lambda: [layer._packed(x) for layer in layers]) if dtype == torch.float32 else (
-                lambda: [layer._dequantized(x, torch.bfloat16) for layer in layers])
-            run()  # warm up
-            times[dtype] = _median_ms(run)
-    return "bf16" if times[torch.bfloat16] < 0.8 * times[torch.float32] else "float32"
+        runs = {"float32": lambda: [layer._packed(x) for layer in layers],
+                "bf16": lambda: [layer._dequantized(x, torch.bfloat16) for layer in layers]}
+        times = {name: [] for name in runs}
+        for name, run in runs.items():
+            run()  # warm up (oneDNN makes its kernels on first use)
+        for _ in range(7):
+            for name, run in runs.items():
+                times[name].append(_median_ms(run, 1))
+    return "bf16" if min(times["bf16"]) < 0.8 * min(times["float32"]) else "float32"
 
 
 def prefill_kernel(scheme: str) -> str:

@@ -136,29 +136,24 @@ def test_layers_the_packed_kernels_do_not_take_dequantize():
     torch.testing.assert_close(odd(x), x @ odd.dequantize().T, rtol=0, atol=1e-5)
 
 
-def test_kernel_override_is_validated(monkeypatch):
-    with pytest.raises(InfLLMLiteError, match="unknown quantized kernel 'fast'.*packed, dequant"):
-        set_quant_kernel("fast")
-    set_quant_kernel(None)
-    monkeypatch.setenv("INFLLM_LITE_QUANT_KERNEL", "bf16")
-    with pytest.raises(InfLLMLiteError, match="INFLLM_LITE_QUANT_KERNEL='bf16'"):
-        quant_kernel("int8")
-    monkeypatch.setenv("INFLLM_LITE_QUANT_KERNEL", "dequant")
-    assert quant_kernel("int4") == "dequant"
-    set_quant_kernel(None)  # the next user probes again
+@pytest.mark.parametrize("setter, getter, env, bad, unknown, choices, good", [
+    (set_quant_kernel, quant_kernel, "INFLLM_LITE_QUANT_KERNEL", "fast", "quantized kernel", "packed, dequant", "dequant"),
+    (set_prefill_kernel, prefill_kernel, "INFLLM_LITE_QUANT_PREFILL", "fp8", "quantized prefill kernel",
+     "bf16, float32", "bf16")])
+def test_kernel_overrides_are_validated(monkeypatch, setter, getter, env, bad, unknown, choices, good):
+    with pytest.raises(InfLLMLiteError, match=f"unknown {unknown} '{bad}'.*{choices}"):
+        setter(bad)
+    setter(None)
+    monkeypatch.setenv(env, bad)
+    with pytest.raises(InfLLMLiteError, match=f"{env}='{bad}': choose one of {choices}"):
+        getter("int8")
+    monkeypatch.setenv(env, good)
+    assert getter("int4") == good
+    setter(None)  # the next user probes again
 
 
-def test_prefill_kernel_override_is_validated_and_probed(monkeypatch):
-    with pytest.raises(InfLLMLiteError, match="unknown quantized prefill kernel 'fp8'.*bf16, float32"):
-        set_prefill_kernel("fp8")
-    set_prefill_kernel(None)
-    monkeypatch.setenv("INFLLM_LITE_QUANT_PREFILL", "int8")
-    with pytest.raises(InfLLMLiteError, match="INFLLM_LITE_QUANT_PREFILL='int8': choose one of bf16, float32"):
-        prefill_kernel("int4")
-    monkeypatch.setenv("INFLLM_LITE_QUANT_PREFILL", "bf16")
-    assert prefill_kernel("int4") == "bf16"
-    set_prefill_kernel(None)
-    monkeypatch.delenv("INFLLM_LITE_QUANT_PREFILL")
+def test_prefill_kernel_is_float32_without_bf16_instructions(monkeypatch):
+    monkeypatch.delenv("INFLLM_LITE_QUANT_PREFILL", raising=False)
     monkeypatch.setattr(quantized, "fast_bf16_cpu", lambda: False)  # no bf16 instructions: no probe, float32
     assert prefill_kernel("int8") == "float32"
     set_prefill_kernel(None)  # the next user probes again

@@ -73,17 +73,22 @@ def test_greedy_tokens_match_transformers(case):
 
 
 @pytest.mark.parametrize("heads", [(9, 3), (4, 4), (6, 1)])
-@pytest.mark.parametrize("S", [1, 5, 130])
-def test_one_query_attention_equals_sdpa(heads, S):
-    """The decode step's attention (two matmuls sharing each KV head) against SDPA, with
-    hidden keys (the static cache's unfilled slots, a sliding window)."""
+@pytest.mark.parametrize("S", [1, 5, 130, 1030])
+@pytest.mark.parametrize("masked", [True, False])
+def test_one_query_attention_equals_sdpa(heads, S, masked):
+    """The decode step's attention (flash below ``FLASH_MAX_KEYS`` keys, two matmuls sharing
+    each KV head past it or under a mask) against SDPA, with hidden keys (the static
+    cache's unfilled slots, a sliding window) or every key visible."""
     import torch.nn.functional as F
-    from infllm_lite.causal import one_query_attention
+    from infllm_lite.causal import FLASH_MAX_KEYS, one_query_attention
+    assert 130 < FLASH_MAX_KEYS <= 1030  # both kernels are drawn
     H, Hkv = heads
     g = torch.Generator().manual_seed(S)
     q, k, v = torch.randn(2, H, 1, 16, generator=g), torch.randn(2, Hkv, S, 16, generator=g), torch.randn(2, Hkv, S, 16, generator=g)
     mask = torch.rand(1, S, generator=g) < 0.7
     mask[0, 0] = True  # one key at least is visible
+    if not masked:
+        mask = None
     expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
     torch.testing.assert_close(one_query_attention(q, k, v, mask), expected, atol=1e-5, rtol=1e-5)
 

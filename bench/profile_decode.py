@@ -4,7 +4,7 @@ embedded SmolLM2-135M-Instruct, with the weights and KV cache dtype asked, after
 untimed short warm-up generation (the kernel probe, first-use packing), as
 ``quantized_decode.py``'s variants (its loading and warm-up).
 
-    python bench/profile_decode.py --quantize gguf --prompt-tokens 2048 --new-tokens 33 [--kv-dtype bfloat16]
+    python bench/profile_decode.py --quantize gguf --prompt-tokens 2048 --new-tokens 33 [--kv-dtype bfloat16] [--compile]
 
 Each row's share of the profiled time is the result (a busy machine scales the times,
 less so the shares); the decode rate of the profiled generation is printed with it.
@@ -39,6 +39,7 @@ def main(argv=None) -> int:
     p.add_argument("--kv-dtype", choices=KV_DTYPES, default=None, help="MemoryConfig.kv_dtype (default the model's)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rows", type=int, default=15)
+    p.add_argument("--compile", action="store_true", help="generate_ids(compile=True): the compiled decode step's ops")
     args = p.parse_args(argv)
     if args.new_tokens < 2:
         p.error("--new-tokens must be at least 2 (the first token ends the prefill)")
@@ -49,16 +50,18 @@ def main(argv=None) -> int:
     memory = MemoryConfig(kv_dtype=args.kv_dtype) if args.kv_dtype else None
 
     run_once(model, ids[:64], 4, args.attention, False, memory)  # warm-up: kernel probe, first-use packing
+    if args.compile:  # compiled at the profiled length (the static cache's capacity), untimed
+        run_once(model, ids, args.new_tokens, args.attention, True, memory)
     prof = profile(activities=[ProfilerActivity.CPU])
     for i, _ in enumerate(generate_ids(model, ids, max_new_tokens=args.new_tokens, attention=args.attention,
-                                       memory=memory, stop_token_ids=())):
+                                       memory=memory, stop_token_ids=(), compile=args.compile)):
         if i == 0:  # the prefill and first token are done: profile the rest
             prof.__enter__()
             start = time.perf_counter()
     seconds = time.perf_counter() - start
     prof.__exit__(None, None, None)
     steps = args.new_tokens - 1
-    print(f"{args.quantize} weights, kv_dtype {args.kv_dtype or 'float32'}, {args.attention} attention, "
+    print(f"{args.quantize} weights{' compiled' if args.compile else ''}, kv_dtype {args.kv_dtype or 'float32'}, {args.attention} attention, "
           f"{len(ids)}-token prompt: {steps} decode steps profiled at {steps / seconds:.1f} tok/s "
           f"(profiler on); {machine_info()}")
     events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)

@@ -16,16 +16,7 @@ import time
 
 import torch
 
-from infllm_lite.causal import FLASH_MAX_KEYS
-
-
-def flash(q, k, v):
-    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False)[0]
-
-
-def matmuls(q, k, v):
-    scores = (k @ (q * q.shape[-1] ** -0.5).transpose(-1, -2)).transpose(-1, -2)  # (1, Hkv, G, S)
-    return scores.softmax(dim=-1) @ v
+from infllm_lite.causal import FLASH_MAX_KEYS, flash_grouped_attention, matmul_grouped_attention
 
 
 def median_ms(fn, caches, q, repeats: int) -> float:
@@ -60,7 +51,7 @@ def main(argv=None) -> int:
         q = torch.randn(1, Hkv, H // Hkv, d)  # (1, Hkv, G, d): the G query heads of a KV head
         best = {"flash": float("inf"), "matmuls": float("inf")}
         for _ in range(args.rounds):
-            for name, fn in (("flash", flash), ("matmuls", matmuls)):
+            for name, fn in (("flash", flash_grouped_attention), ("matmuls", matmul_grouped_attention)):
                 best[name] = min(best[name], median_ms(fn, caches, q, args.repeats))
         print(f"{S:>6} {best['flash']:9.2f} {best['matmuls']:11.2f} {best['matmuls'] / best['flash']:14.2f}")
     return 0

@@ -69,9 +69,21 @@ def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     grouped = q.reshape(B, Hkv, H // Hkv, d)  # (B, Hkv, G, d)
     if (mask is None and q.device.type == "cpu" and q.dtype == k.dtype == v.dtype
             and k.shape[-2] < FLASH_MAX_KEYS):
-        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-        return flash(grouped, k, v, 0.0, False)[0].reshape(B, H, 1, d)
-    scores = (k @ (grouped * d ** -0.5).transpose(-1, -2)).transpose(-1, -2)  # (B, Hkv, G, S)
+        return flash_grouped_attention(grouped, k, v).reshape(B, H, 1, d)
+    return matmul_grouped_attention(grouped, k, v, mask).reshape(B, H, 1, d)
+
+
+def flash_grouped_attention(grouped: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """SDPA's CPU flash kernel, the G query heads of a KV head as G queries of one head.
+    grouped: (B, Hkv, G, d); k/v: (B, Hkv, S, d) -> (B, Hkv, G, d)."""
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(grouped, k, v, 0.0, False)[0]
+
+
+def matmul_grouped_attention(grouped: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                             mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The same as two matmuls, the keys the large operand, the scale on the queries;
+    mask: (1, S) True where visible, or None. -> (B, Hkv, G, d)."""
+    scores = (k @ (grouped * grouped.shape[-1] ** -0.5).transpose(-1, -2)).transpose(-1, -2)  # (B, Hkv, G, S)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    return (scores.softmax(dim=-1) @ v).reshape(B, H, 1, d)
+    return scores.softmax(dim=-1) @ v
